@@ -1,0 +1,352 @@
+"""Lean KV-cache decoder for the Llama / Qwen2 family (rollout fast path).
+
+`KVDecoder` snapshots a transformers ``LlamaForCausalLM`` / ``Qwen2ForCausalLM``
+into a few fused matrices and runs
+
+* ``prefill``: the whole (left-padded) prompt once per prompt, writes the KV
+  cache and expands it to ``P * repeats`` rows (rows of a group contiguous:
+  ``row = p * repeats + g``), returning the last-position logits;
+* ``decode``: one token per row per call, against a preallocated cache, with
+  no per-step Python work except a loop over layers;
+* ``keep_rows``: compacts the active batch so finished rows cost nothing.
+
+Numerics mirror transformers (checked against the installed 5.x source):
+RMSNorm in fp32 then cast, RoPE cos/sin taken from the model's own
+``rotary_emb`` module (so ``rope_theta`` / ``rope_parameters`` / llama3 / linear
+scaling and ``attention_scaling`` are exactly the model's), GQA head ``h`` uses
+kv head ``h // (heads / kv_heads)`` as ``repeat_kv`` does, attention softmax in
+fp32. Positions are ``cumsum(attention_mask) - 1`` as the trainer passes them
+to the forward when recomputing log-probs.
+
+Speed notes (CPU, fp32): every projection is one GEMM (``qkv`` and ``gate_up``
+fused); single-query attention is ``baddbmm`` (scale and pad-mask bias fused)
++ softmax + ``bmm`` with q viewed as ``[B * kv_heads, heads_per_kv, D]`` so the
+cache is never repeated for GQA; the key-padding bias is stored pre-broadcast
+per kv head so it can be the ``baddbmm`` input; RoPE tables are precomputed
+for all positions with the sign of ``rotate_half`` folded into ``sin``.
+
+Typical use (the sampler in ``engine/rollout.py``)::
+
+    dec = KVDecoder(model, max_batch_size=P * G, max_total_length=S + T)
+    logits = dec.prefill(input_ids, attention_mask, repeats=G)   # [P*G, V] fp32
+    for _ in range(T):
+        tok = sample(logits)
+        ...
+        logits = dec.decode(tok)                                  # [B, V] fp32
+        # optional: alive = (~done).nonzero().squeeze(1); dec.keep_rows(alive)
+        # after which decode takes / returns only the kept rows, in that order.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["KVDecoder"]
+
+_SUPPORTED_MODEL_TYPES = ("llama", "qwen2")
+# rope types whose cos/sin depend only on the position (not on the sequence
+# length); for these the model's rotary module gives an exact, static table.
+_STATIC_ROPE_TYPES = ("default", "linear", "llama3")
+
+
+def _rope_type(config) -> str | None:
+    params = getattr(config, "rope_parameters", None)
+    if params is None:
+        params = getattr(config, "rope_scaling", None)
+    if params is None:
+        return "default"
+    if not isinstance(params, dict):
+        return None
+    # transformers 5 may store per-layer-type dicts ({"full_attention": {...}})
+    if "rope_type" not in params and "type" not in params and params:
+        vals = list(params.values())
+        if all(isinstance(v, dict) for v in vals):
+            types = {v.get("rope_type", v.get("type", "default")) for v in vals}
+            return types.pop() if len(types) == 1 else None
+    return params.get("rope_type", params.get("type", "default"))
+
+
+class KVDecoder:
+    """Lean prefill + single-token decode forward for the Llama/Qwen2 family, built from a transformers model's weights."""
+
+    # ------------------------------------------------------------------ setup
+    @staticmethod
+    def supports(model) -> bool:
+        config = getattr(model, "config", None)
+        if config is None or getattr(config, "model_type", None) not in _SUPPORTED_MODEL_TYPES:
+            return False
+        if type(model).__name__ not in ("LlamaForCausalLM", "Qwen2ForCausalLM"):
+            return False
+        if _rope_type(config) not in _STATIC_ROPE_TYPES:
+            return False
+        layer_types = getattr(config, "layer_types", None) or []
+        if any(t != "full_attention" for t in layer_types):
+            return False
+        if config.model_type == "qwen2" and getattr(config, "use_sliding_window", False) \
+                and getattr(config, "sliding_window", None) is not None:
+            return False
+        if getattr(config, "hidden_act", None) not in ("silu", "swish"):
+            return False
+        if getattr(config, "pretraining_tp", 1) not in (None, 1):
+            return False
+        inner = getattr(model, "model", None)
+        if inner is None or not hasattr(inner, "rotary_emb") or not hasattr(inner, "layers"):
+            return False
+        return True
+
+    def __init__(self, model, max_batch_size: int, max_total_length: int):
+        if not self.supports(model):
+            raise ValueError(f"KVDecoder does not support {type(model).__name__} with this config")
+        inner = model.model
+        config = model.config
+        attn0 = inner.layers[0].self_attn
+        w0 = attn0.q_proj.weight
+        self.device, self.dtype = w0.device, w0.dtype
+        self.n_heads = config.num_attention_heads
+        self.n_kv = config.num_key_value_heads
+        self.head_dim = attn0.head_dim
+        self.group = self.n_heads // self.n_kv
+        self.scaling = float(attn0.scaling)
+        self.hidden = config.hidden_size
+        self.max_batch = int(max_batch_size)
+        self.max_len = int(max_total_length)
+
+        # ---- weights (detached snapshot; fused matrices are fresh copies)
+        with torch.no_grad():
+            self.embed = inner.embed_tokens.weight.detach()
+            self.layers = []
+            for layer in inner.layers:
+                a, m = layer.self_attn, layer.mlp
+                qkv_b = None
+                if a.q_proj.bias is not None:
+                    qkv_b = torch.cat([a.q_proj.bias, a.k_proj.bias, a.v_proj.bias]).detach()
+                gu_b = None
+                if m.gate_proj.bias is not None:
+                    gu_b = torch.cat([m.gate_proj.bias, m.up_proj.bias]).detach()
+                self.layers.append(dict(
+                    ln1=layer.input_layernorm.weight.detach(),
+                    eps1=float(layer.input_layernorm.variance_epsilon),
+                    qkv=torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]).detach(),
+                    qkv_b=qkv_b,
+                    o=a.o_proj.weight.detach(),
+                    o_b=None if a.o_proj.bias is None else a.o_proj.bias.detach(),
+                    ln2=layer.post_attention_layernorm.weight.detach(),
+                    eps2=float(layer.post_attention_layernorm.variance_epsilon),
+                    gu=torch.cat([m.gate_proj.weight, m.up_proj.weight]).detach(),
+                    gu_b=gu_b,
+                    down=m.down_proj.weight.detach(),
+                    down_b=None if m.down_proj.bias is None else m.down_proj.bias.detach(),
+                ))
+            self.norm_w = inner.norm.weight.detach()
+            self.norm_eps = float(inner.norm.variance_epsilon)
+            self.lm_head = model.lm_head.weight.detach()
+            self.lm_head_b = None if getattr(model.lm_head, "bias", None) is None else model.lm_head.bias.detach()
+            self.intermediate = self.layers[0]["gu"].shape[0] // 2
+
+            # ---- RoPE table from the model's own rotary module (exact mirror)
+            pos = torch.arange(self.max_len, device=self.device).unsqueeze(0)
+            probe = torch.empty(1, device=self.device, dtype=self.dtype)
+            cos, sin = inner.rotary_emb(probe, pos)
+            cos, sin = cos[0].to(self.dtype), sin[0].to(self.dtype)  # [L, D]
+            half = self.head_dim // 2
+            # rotate_half(x) * sin == swap_halves(x) * sin_signed
+            sin_signed = sin.clone()
+            sin_signed[:, :half].neg_()
+            self.cos = cos.contiguous()
+            self.sin = sin_signed.contiguous()
+
+        # ---- caches and per-row state
+        # The prompt part of the KV cache is stored once per prompt
+        # ([layers, P, kv, S, D], allocated by prefill); the generated part is
+        # per row, batch-ordered (prompt, kv_head, sample) so that the single
+        # query of all `repeats` samples x `heads_per_kv` heads of a prompt and
+        # kv head is one GEMM against the shared prompt keys, and the scores of
+        # the two parts concatenate without a transpose.
+        n_layers = len(self.layers)
+        shape = (n_layers, self.max_batch * self.n_kv, self.max_len, self.head_dim)
+        self.gk = torch.zeros(shape, device=self.device, dtype=self.dtype)
+        self.gv = torch.zeros(shape, device=self.device, dtype=self.dtype)
+        self.qbuf = torch.empty(self.max_batch * self.n_heads * self.head_dim, device=self.device, dtype=self.dtype)
+        self.pk = self.pv = self.pbias = None
+        self.positions = torch.zeros(self.max_batch, dtype=torch.long, device=self.device)
+        self.P = self.R = 0  # active rows = P * R, row = p * R + r
+        self.S = 0           # prompt length (padded)
+        self.t = 0           # generated tokens in the cache (same for all rows)
+        self._rms = self._rms_fast if self.dtype == torch.float32 else self._rms_hf
+
+    @property
+    def n_rows(self) -> int:
+        return self.P * self.R
+
+    # ------------------------------------------------------------- helpers
+    @staticmethod
+    def _rms_hf(x: Tensor, w: Tensor, eps: float) -> Tensor:
+        dt = x.dtype
+        h = x.float()
+        var = h.pow(2).mean(-1, keepdim=True)
+        h = h * torch.rsqrt(var + eps)
+        return w * h.to(dt)
+
+    @staticmethod
+    def _rms_fast(x: Tensor, w: Tensor, eps: float) -> Tensor:
+        # fp32 only: same math as transformers' RMSNorm in one kernel
+        return F.rms_norm(x, (x.shape[-1],), w, eps)
+
+    def _rope(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        """x [..., n, D] -> x * cos + rotate_half(x) * sin; cos/sin broadcast [..., 1, D]."""
+        half = self.head_dim // 2
+        swapped = torch.cat((x[..., half:], x[..., :half]), dim=-1)
+        return torch.addcmul(x * cos, swapped, sin)
+
+    @staticmethod
+    def _residual_linear(x: Tensor, a: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+        """x + a @ w.T (+ b), the residual add fused into the GEMM."""
+        out = torch.addmm(x.flatten(0, -2), a.flatten(0, -2), w.t()).view(x.shape)
+        return out if b is None else out.add_(b)
+
+    def _mlp_residual(self, x: Tensor, lw: dict) -> Tensor:
+        h = self._rms(x, lw["ln2"], lw["eps2"])
+        gu = F.linear(h, lw["gu"], lw["gu_b"])
+        inter = self.intermediate
+        act = F.silu(gu[..., :inter], inplace=True).mul_(gu[..., inter:])
+        return self._residual_linear(x, act, lw["down"], lw["down_b"])
+
+    # ------------------------------------------------------------- prefill
+    @torch.inference_mode()
+    def prefill(self, input_ids: Tensor, attention_mask: Tensor, repeats: int) -> Tensor:
+        P, S = input_ids.shape
+        R = int(repeats)
+        B = P * R
+        if B > self.max_batch:
+            raise ValueError(f"P*repeats={B} > max_batch_size={self.max_batch}")
+        if S >= self.max_len:
+            raise ValueError(f"prompt length {S} leaves no room in max_total_length={self.max_len}")
+        H, KV, D, G = self.n_heads, self.n_kv, self.head_dim, self.group
+        dev = self.device
+        input_ids = input_ids.to(dev)
+        mask = attention_mask.to(dev).bool()
+        n_real = mask.sum(-1)                               # [P]
+        pos = (mask.long().cumsum(-1) - 1).clamp_(min=0)    # [P, S]
+        cos = self.cos[pos].unsqueeze(1)                    # [P, 1, S, D]
+        sin = self.sin[pos].unsqueeze(1)
+
+        # attention bias [P, 1, 1, S, S]: causal & key is real; the diagonal is
+        # always allowed so that pad queries never see an all-masked row.
+        ar = torch.arange(S, device=dev)
+        causal = ar[None, :] <= ar[:, None]
+        allowed = causal[None] & (mask[:, None, :] | torch.eye(S, dtype=torch.bool, device=dev)[None])
+        bias = torch.zeros(P, 1, 1, S, S, device=dev, dtype=torch.float32)
+        bias.masked_fill_(~allowed[:, None, None], float("-inf"))
+
+        n_layers = len(self.layers)
+        self.pk = torch.empty(n_layers, P * KV, S, D, device=dev, dtype=self.dtype)
+        self.pv = torch.empty(n_layers, P * KV, S, D, device=dev, dtype=self.dtype)
+
+        x = F.embedding(input_ids, self.embed)              # [P, S, hidden]
+        for li, lw in enumerate(self.layers):
+            h = self._rms(x, lw["ln1"], lw["eps1"])
+            qkv = F.linear(h, lw["qkv"], lw["qkv_b"])       # [P, S, (H+2KV)*D]
+            qkv = qkv.view(P, S, H + 2 * KV, D).transpose(1, 2)  # [P, H+2KV, S, D]
+            qk = self._rope(qkv[:, : H + KV], cos, sin)     # [P, H+KV, S, D]
+            k = self.pk[li].view(P, KV, S, D)
+            v = self.pv[li].view(P, KV, S, D)
+            k.copy_(qk[:, H:])
+            v.copy_(qkv[:, H + KV:])
+            # GQA without repeating kv: q [P, KV, G, S, D]
+            qg = qk[:, :H].reshape(P, KV, G, S, D)
+            scores = torch.matmul(qg, k.unsqueeze(2).transpose(-1, -2))   # [P, KV, G, S, S]
+            scores = scores.float().mul_(self.scaling).add_(bias)
+            probs = torch.softmax(scores, dim=-1).to(self.dtype)
+            o = torch.matmul(probs, v.unsqueeze(2))          # [P, KV, G, S, D]
+            o = o.reshape(P, H, S, D).transpose(1, 2).reshape(P, S, H * D)
+            x = self._residual_linear(x, o, lw["o"], lw["o_b"])
+            x = self._mlp_residual(x, lw)
+
+        last = self._rms(x[:, -1], self.norm_w, self.norm_eps)    # [P, hidden]
+        logits = F.linear(last, self.lm_head, self.lm_head_b).float()
+
+        # per-row decode state
+        self.P, self.R, self.S, self.t = P, R, S, 0
+        pbias = torch.zeros(P, KV, 1, S, device=dev, dtype=self.dtype)
+        self.pbias = pbias.masked_fill_(~mask[:, None, None, :], float("-inf")).view(P * KV, 1, S)
+        self.positions[:B].copy_(n_real.repeat_interleave(R))
+        return logits.repeat_interleave(R, dim=0)
+
+    # -------------------------------------------------------------- decode
+    @torch.inference_mode()
+    def decode(self, token_ids: Tensor) -> Tensor:
+        P, R, S, t = self.P, self.R, self.S, self.t
+        B = token_ids.shape[0]
+        if B != P * R:
+            raise ValueError(f"decode got {B} rows, {P * R} are active (see keep_rows)")
+        if S + t >= self.max_len:
+            raise ValueError(f"KV cache full (max_total_length={self.max_len})")
+        H, KV, D, G = self.n_heads, self.n_kv, self.head_dim, self.group
+        BK, L1 = B * KV, t + 1
+        pos = self.positions[:B]
+        cos = self.cos.index_select(0, pos).unsqueeze(1)            # [B, 1, D]
+        sin = self.sin.index_select(0, pos).unsqueeze(1)
+        qb = self.qbuf[: B * H * D].view(P, KV, R, G, D)             # q in (p, kv, r, g) order
+        qp = qb.view(P * KV, R * G, D)
+        qg = qb.view(BK, G, D)
+        fp32 = self.dtype == torch.float32
+
+        x = F.embedding(token_ids.to(self.device), self.embed)      # [B, hidden]
+        for li, lw in enumerate(self.layers):
+            h = self._rms(x, lw["ln1"], lw["eps1"])
+            qkv = F.linear(h, lw["qkv"], lw["qkv_b"]).view(B, H + 2 * KV, D)
+            qk = self._rope(qkv[:, : H + KV], cos, sin)             # [B, H+KV, D]
+            gk = self.gk[li, :BK]                                   # [BK, Lmax, D]
+            gv = self.gv[li, :BK]
+            gk[:, t].view(P, KV, R, D).copy_(qk[:, H:].view(P, R, KV, D).transpose(1, 2))
+            gv[:, t].view(P, KV, R, D).copy_(qkv[:, H + KV:].view(P, R, KV, D).transpose(1, 2))
+            torch.mul(qk[:, :H].view(P, R, KV, G, D).transpose(1, 2), self.scaling, out=qb)
+            # scores: shared prompt keys (one GEMM per prompt x kv head) ++ own generated keys
+            sp = torch.baddbmm(self.pbias, qp, self.pk[li].transpose(1, 2))   # [P*KV, R*G, S]
+            sg = torch.bmm(qg, gk[:, :L1].transpose(1, 2))                     # [BK, G, L1]
+            scores = torch.cat((sp.view(BK, G, S), sg), dim=-1)               # [BK, G, S+L1]
+            if fp32:
+                probs = torch.softmax(scores, dim=-1)
+            else:  # low precision: softmax in fp32 as transformers' eager attention
+                probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(self.dtype)
+            o = torch.bmm(probs.view(P * KV, R * G, S + L1)[:, :, :S], self.pv[li])  # [P*KV, R*G, D]
+            o.view(BK, G, D).baddbmm_(probs[:, :, S:], gv[:, :L1])
+            o = o.view(P, KV, R, G, D).transpose(1, 2).reshape(B, H * D)
+            x = self._residual_linear(x, o, lw["o"], lw["o_b"])
+            x = self._mlp_residual(x, lw)
+
+        x = self._rms(x, self.norm_w, self.norm_eps)
+        logits = F.linear(x, self.lm_head, self.lm_head_b)
+        self.t = L1
+        pos.add_(1)
+        return logits if logits.dtype == torch.float32 else logits.float()
+
+    # ----------------------------------------------------------- compaction
+    @torch.inference_mode()
+    def keep_rows(self, row_indices: Tensor) -> None:
+        """Keep only ``row_indices`` (indices into the current active rows, in
+        the order given); afterwards ``decode`` takes and returns
+        ``len(row_indices)`` rows in that order.
+
+        Cost: copies the kept rows' generated cache and gives each kept row
+        its own copy of its prompt's cache (the decoder then runs with
+        ``repeats = 1``, i.e. prompt keys are no longer shared within a group,
+        which costs a little attention time per row). Worth calling when a
+        sizeable fraction of rows has finished, not every step."""
+        idx = row_indices.to(self.device, torch.long)
+        n = idx.shape[0]
+        P, R, S, t, KV = self.P, self.R, self.S, self.t, self.n_kv
+        n_layers = len(self.layers)
+        prompt_of = torch.div(idx, R, rounding_mode="floor")
+        D, Lm = self.head_dim, self.max_len
+        self.pk = self.pk.view(n_layers, P, KV, S, D).index_select(1, prompt_of).view(n_layers, n * KV, S, D)
+        self.pv = self.pv.view(n_layers, P, KV, S, D).index_select(1, prompt_of).view(n_layers, n * KV, S, D)
+        self.pbias = self.pbias.view(P, KV, 1, S).index_select(0, prompt_of).view(n * KV, 1, S)
+        for cache in (self.gk, self.gv):
+            rows = cache[:, : P * R * KV].view(n_layers, P, KV, R, Lm, D)[:, :, :, :, :t]
+            rows = rows.transpose(2, 3).reshape(n_layers, P * R, KV, t, D).index_select(1, idx)
+            cache[:, : n * KV].view(n_layers, n, KV, Lm, D)[:, :, :, :t].copy_(rows)
+        self.positions[:n] = self.positions.index_select(0, idx)
+        self.P, self.R = n, 1

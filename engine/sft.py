@@ -1,0 +1,93 @@
+"""Supervised warm start (behaviour cloning) on prompt -> demonstration pairs.
+
+Minimises the negative log-likelihood of the demonstration tokens only (the
+prompt is context, not a target), with the EOS token included so the model
+learns where an answer ends:
+
+    L = - (1 / sum_i |y_i|) sum_i sum_t log pi_theta(y_{i,t} | x_i, y_{i,<t})
+
+It uses the same model code, prompt formatting (chat template, left padding) and
+chunked log-prob function as RL, so an SFT checkpoint is exactly what the RL stage
+starts from. AdamW with linear warm-up then cosine decay.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from engine.learner import lr_multiplier
+from engine.logprobs import completion_logprobs
+from engine.trainer import encode_prompts
+
+
+@dataclass
+class SFTConfig:
+    steps: int = 300
+    lr: float = 1e-3
+    batch_size: int = 32
+    warmup_steps: int = 10
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    max_prompt_length: int = 512
+    max_completion_length: int = 256
+    seed: int = 0
+
+
+def encode_completions(tokenizer, texts: list[str], max_length: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded completion ids [B, T] and mask [B, T] bool, each ending with EOS (unless cut)."""
+    encoded = [tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for text in texts]
+    encoded = [ids[:max_length] for ids in encoded]
+    length = max(len(ids) for ids in encoded)
+    pad = tokenizer.pad_token_id
+    ids = torch.tensor([e + [pad] * (length - len(e)) for e in encoded], dtype=torch.long, device=device)
+    mask = torch.tensor([[1] * len(e) + [0] * (length - len(e)) for e in encoded], dtype=torch.bool, device=device)
+    return ids, mask
+
+
+def supervised_finetune(model, tokenizer, chats: list[list[dict]], completions: list[str], config: SFTConfig,
+                        on_step=None) -> list[dict]:
+    """Train `model` in place on (chat, completion) pairs; returns one metrics dict per step.
+
+    `on_step(metrics)` is called after each step (for logging).
+    """
+    if len(chats) != len(completions):
+        raise ValueError(f"{len(chats)} prompts but {len(completions)} demonstrations")
+    if not chats:
+        raise ValueError("no SFT examples: the dataset has no demonstrations")
+    device = next(model.parameters()).device
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay,
+                                  betas=(0.9, 0.99))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_multiplier(step, "cosine", config.warmup_steps, config.steps)
+    )
+    rng = np.random.default_rng(config.seed)
+    order = rng.permutation(len(chats))
+    position = 0
+    history = []
+    model.train()
+    for step in range(config.steps):
+        if position + config.batch_size > len(order):
+            order, position = rng.permutation(len(chats)), 0
+        batch = order[position : position + config.batch_size]
+        position += config.batch_size
+        prompt_ids, prompt_mask = encode_prompts(tokenizer, [chats[i] for i in batch], config.max_prompt_length, device)
+        completion_ids, completion_mask = encode_completions(
+            tokenizer, [completions[i] for i in batch], config.max_completion_length, device
+        )
+        logprobs = completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask).logprobs
+        loss = -(logprobs * completion_mask).sum() / completion_mask.sum()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        metrics = {"step": step + 1, "sft_loss": float(loss.detach()), "grad_norm": float(grad_norm),
+                   "lr": scheduler.get_last_lr()[0]}
+        history.append(metrics)
+        if on_step is not None:
+            on_step(metrics)
+    model.eval()
+    return history

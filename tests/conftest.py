@@ -1,0 +1,43 @@
+"""Shared fixtures: a locally trained tokenizer and tiny random Qwen2 / Llama models (CPU, fp32)."""
+
+import pytest
+import torch
+
+from models.tiny import TinyModelConfig, build_tiny_model, train_tokenizer
+
+CORPUS = [
+    "Sort these digits in ascending order: 3 1 2",
+    "1 2 3",
+    "The Shawshank Redemption (1994)\nPulp Fiction (1994)\nFargo (1996)",
+    "Recommend ten movies like Heat (1995) and Casino (1995).",
+] * 20
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return train_tokenizer(CORPUS, vocab_size=300)
+
+
+def make_model(tokenizer, architecture="qwen2", seed=0, tie=True):
+    config = TinyModelConfig(architecture=architecture, hidden_size=64, num_layers=2, num_heads=4,
+                             num_kv_heads=2, intermediate_size=128, tie_word_embeddings=tie)
+    model = build_tiny_model(config, len(tokenizer), tokenizer.pad_token_id, tokenizer.eos_token_id, seed=seed)
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def qwen_model(tokenizer):
+    return make_model(tokenizer, "qwen2")
+
+
+@pytest.fixture(scope="session")
+def llama_model(tokenizer):
+    return make_model(tokenizer, "llama", seed=1, tie=False)
+
+
+def left_padded_prompts(tokenizer, texts):
+    """Chat-formatted, left-padded prompt ids/mask [P, S] of mixed lengths."""
+    from engine.trainer import encode_prompts
+
+    chats = [[{"role": "user", "content": text}] for text in texts]
+    return encode_prompts(tokenizer, chats, max_length=256, device=torch.device("cpu"))

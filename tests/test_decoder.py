@@ -1,0 +1,171 @@
+"""engine/decoder.py: KVDecoder logits == transformers forward on the full sequence."""
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+from engine.decoder import KVDecoder
+
+TOL = 1e-5
+SMALL = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+             vocab_size=128, intermediate_size=128, max_position_embeddings=256)
+
+
+def _qwen2(tie: bool, **kw):
+    torch.manual_seed(0)
+    cfg = Qwen2Config(**{**SMALL, **kw}, tie_word_embeddings=tie, rms_norm_eps=1e-5,
+                      rope_parameters={"rope_type": "default", "rope_theta": 5000.0})
+    return Qwen2ForCausalLM(cfg).eval()
+
+
+def _llama(**kw):
+    torch.manual_seed(1)
+    cfg = LlamaConfig(**{**SMALL, **kw}, rms_norm_eps=1e-6,
+                      rope_parameters={"rope_type": "default", "rope_theta": 20000.0})
+    return LlamaForCausalLM(cfg).eval()
+
+
+def _randomize(model):
+    """Fresh random weights (incl. biases and norm weights, which init to 0/1)."""
+    g = torch.Generator().manual_seed(123)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    return model
+
+
+MODELS = {
+    "qwen2_tied": lambda: _qwen2(True),
+    "qwen2_untied": lambda: _qwen2(False),
+    "llama": lambda: _llama(),
+    "llama_bias_mha": lambda: _llama(attention_bias=True, mlp_bias=True, num_key_value_heads=4),
+    "llama3_rope_gqa4": lambda: LlamaForCausalLM(LlamaConfig(
+        **{**SMALL, "num_attention_heads": 8, "num_key_value_heads": 2, "head_dim": 16},
+        rope_parameters={"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0,
+                         "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                         "original_max_position_embeddings": 32})).eval(),
+}
+
+
+def _prompts(lengths, S, vocab, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    P = len(lengths)
+    ids = torch.randint(3, vocab, (P, S), generator=g)
+    mask = torch.zeros(P, S, dtype=torch.long)
+    for i, n in enumerate(lengths):
+        mask[i, S - n:] = 1
+    ids = ids.masked_fill(mask == 0, 0)   # pad id 0, left padding
+    return ids, mask
+
+
+@torch.no_grad()
+def _hf_logits(model, ids, mask):
+    """Plain transformers forward, positions = cumsum(mask) - 1 passed explicitly."""
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    return model(input_ids=ids, attention_mask=mask, position_ids=pos).logits.float()
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_prefill_and_decode_match_hf(name):
+    model = _randomize(MODELS[name]())
+    assert KVDecoder.supports(model)
+    V = model.config.vocab_size
+    lengths, S, R, steps = [7, 3, 10], 10, 2, 6
+    ids, mask = _prompts(lengths, S, V)
+    P = len(lengths)
+    dec = KVDecoder(model, max_batch_size=P * R, max_total_length=S + steps + 2)
+
+    logits = dec.prefill(ids, mask, repeats=R)
+    assert logits.shape == (P * R, V) and logits.dtype == torch.float32
+    ref = _hf_logits(model, ids, mask)[:, -1]
+    torch.testing.assert_close(logits, ref.repeat_interleave(R, 0), atol=TOL, rtol=0)
+
+    # rows of a group get different tokens from here on
+    full_ids = ids.repeat_interleave(R, 0)
+    full_mask = mask.repeat_interleave(R, 0)
+    g = torch.Generator().manual_seed(7)
+    for _ in range(steps):
+        tok = torch.randint(1, V, (P * R,), generator=g)
+        full_ids = torch.cat([full_ids, tok[:, None]], 1)
+        full_mask = torch.cat([full_mask, torch.ones(P * R, 1, dtype=torch.long)], 1)
+        out = dec.decode(tok)
+        ref = _hf_logits(model, full_ids, full_mask)[:, -1]
+        assert out.shape == (P * R, V) and out.dtype == torch.float32
+        torch.testing.assert_close(out, ref, atol=TOL, rtol=0)
+
+
+def test_repeats_identical_within_group_and_same_tokens_stay_identical():
+    model = _randomize(_qwen2(False))
+    ids, mask = _prompts([5, 9, 2, 9], 9, model.config.vocab_size, seed=3)
+    R = 4
+    dec = KVDecoder(model, max_batch_size=16, max_total_length=16)
+    logits = dec.prefill(ids, mask, repeats=R).view(4, R, -1)
+    assert torch.equal(logits, logits[:, :1].expand_as(logits))
+    assert not torch.allclose(logits[0, 0], logits[1, 0])
+    tok = logits[:, 0].argmax(-1).repeat_interleave(R)
+    out = dec.decode(tok).view(4, R, -1)
+    assert torch.equal(out, out[:, :1].expand_as(out))
+
+
+def test_keep_rows_matches_hf():
+    model = _randomize(_llama())
+    V = model.config.vocab_size
+    ids, mask = _prompts([4, 8, 6], 8, V, seed=5)
+    R = 2
+    dec = KVDecoder(model, max_batch_size=6, max_total_length=14)
+    dec.prefill(ids, mask, repeats=R)
+    full_ids, full_mask = ids.repeat_interleave(R, 0), mask.repeat_interleave(R, 0)
+    g = torch.Generator().manual_seed(9)
+    rows = torch.arange(6)
+    for step in range(4):
+        if step == 2:
+            keep = torch.tensor([5, 0, 3])         # drop rows and reorder
+            dec.keep_rows(keep)
+            rows, full_ids, full_mask = rows[keep], full_ids[keep], full_mask[keep]
+        tok = torch.randint(1, V, (len(rows),), generator=g)
+        full_ids = torch.cat([full_ids, tok[:, None]], 1)
+        full_mask = torch.cat([full_mask, torch.ones(len(rows), 1, dtype=torch.long)], 1)
+        out = dec.decode(tok)
+        torch.testing.assert_close(out, _hf_logits(model, full_ids, full_mask)[:, -1], atol=TOL, rtol=0)
+
+
+def test_weights_snapshot_at_construction():
+    model = _randomize(_qwen2(True))
+    ids, mask = _prompts([3, 5], 5, model.config.vocab_size)
+    dec = KVDecoder(model, 2, 8)
+    before = dec.prefill(ids, mask, 1)
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.weight.add_(1.0)
+    torch.testing.assert_close(dec.prefill(ids, mask, 1), before, atol=0, rtol=0)   # fused copies
+    dec2 = KVDecoder(model, 2, 8)
+    torch.testing.assert_close(dec2.prefill(ids, mask, 1), _hf_logits(model, ids, mask)[:, -1], atol=TOL, rtol=0)
+
+
+def test_supports_rejects_unsupported():
+    assert not KVDecoder.supports(GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=64)))
+    yarn = Qwen2Config(**SMALL, rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 2.0,
+                                                 "original_max_position_embeddings": 64})
+    assert not KVDecoder.supports(Qwen2ForCausalLM(yarn))
+    sliding = Qwen2Config(**SMALL, use_sliding_window=True, sliding_window=8, max_window_layers=1)
+    assert not KVDecoder.supports(Qwen2ForCausalLM(sliding))
+    gelu = LlamaConfig(**SMALL, hidden_act="gelu")
+    assert not KVDecoder.supports(LlamaForCausalLM(gelu))
+    with pytest.raises(ValueError):
+        KVDecoder(Qwen2ForCausalLM(yarn), 2, 8)
+
+
+def test_bf16_close_to_hf():
+    """Low-precision path (softmax in fp32): loose agreement with the bf16 transformers forward."""
+    model = _randomize(_qwen2(False)).to(torch.bfloat16)
+    V = model.config.vocab_size
+    ids, mask = _prompts([6, 3], 6, V, seed=11)
+    dec = KVDecoder(model, 4, 10)
+    out = dec.prefill(ids, mask, repeats=2)
+    ref = _hf_logits(model, ids, mask)[:, -1].repeat_interleave(2, 0)
+    assert out.dtype == torch.float32
+    assert (out - ref).abs().max() < 0.1 * ref.abs().max()
+    tok = torch.tensor([5, 6, 7, 8])
+    out = dec.decode(tok)
+    ref = _hf_logits(model, torch.cat([ids.repeat_interleave(2, 0), tok[:, None]], 1),
+                     torch.cat([mask.repeat_interleave(2, 0), torch.ones(4, 1, dtype=torch.long)], 1))[:, -1]
+    assert (out - ref).abs().max() < 0.1 * ref.abs().max()

@@ -1,0 +1,239 @@
+"""Loss math against the hand-computed oracles of gr2_dapo_gspo.md §5 and numpy written here."""
+
+import numpy as np
+import pytest
+import torch
+
+from algorithms.dapo import overlong_penalty
+from algorithms.grpo import GSPO, token_unit_ids
+from engine.loss import aggregate, clipped_surrogate, group_advantages, kl_penalty, unit_mean
+
+OLD = [[-1.3, -0.6, -1.7], [-0.9, -1.0, -0.15]]
+NEW = [[-1.0, -0.5, -2.0], [-0.5, -1.3, -0.3]]
+REF = [[-1.2, -0.4, -2.0], [-0.5, -1.3, -0.4]]
+ADV = [0.5, -0.8]
+FULL = [[1, 1, 1], [1, 1, 1]]
+PAD = [[1, 1, 1], [1, 1, 0]]
+
+
+def _inputs(mask):
+    logprobs = torch.tensor(NEW, dtype=torch.float64, requires_grad=True)
+    old = torch.tensor(OLD, dtype=torch.float64)
+    advantages = torch.tensor(ADV, dtype=torch.float64)[:, None].expand(2, 3)
+    return logprobs, old, advantages, torch.tensor(mask, dtype=torch.bool)
+
+
+def _token_loss(mode, mask, low=0.2, high=0.28, clip_c=None, kl_coef=0.0, max_length=None):
+    logprobs, old, advantages, mask_t = _inputs(mask)
+    per_token, _ = clipped_surrogate((logprobs - old) * mask_t, advantages, low, high, clip_c)
+    if kl_coef:
+        per_token = per_token + kl_coef * kl_penalty(logprobs, torch.tensor(REF, dtype=torch.float64), "k3")
+    loss = aggregate(per_token, mask_t, mode, max_length=max_length)
+    loss.backward()
+    return float(loss.detach()), logprobs.grad.numpy()
+
+
+def test_per_token_clipped_loss_matches_oracle():
+    logprobs, old, advantages, _ = _inputs(FULL)
+    loss, clipped = clipped_surrogate(logprobs - old, advantages, 0.2, 0.28)
+    expected = [[-0.64, -0.552585, -0.370409], [1.19346, 0.64, 0.688566]]
+    np.testing.assert_allclose(loss.detach().numpy(), expected, atol=1e-6)
+    # (1,1): A>0, r>1.28 clipped; (2,2): A<0, r<0.8 clipped; the others are not.
+    assert clipped.tolist() == [[True, False, False], [False, True, False]]
+
+
+@pytest.mark.parametrize(
+    "mode, mask, expected_loss, expected_grad",
+    [
+        ("seq_mean_token_mean", FULL, 0.159839, None),
+        ("seq_mean_token_mean", PAD, 0.197866, [[0, -0.092098, -0.061735], [0.298365, 0, 0]]),
+        ("token_mean", FULL, 0.159839, None),
+        ("token_mean", PAD, 0.054093, [[0, -0.110517, -0.074082], [0.238692, 0, 0]]),
+        ("seq_mean_token_sum_norm", FULL, 0.119879, None),
+        ("seq_mean_token_sum_norm", PAD, 0.033808, [[0, -0.069073, -0.046301], [0.149182, 0, 0]]),
+    ],
+)
+def test_aggregation_modes_match_oracle(mode, mask, expected_loss, expected_grad):
+    loss, grad = _token_loss(mode, mask, max_length=4)
+    assert loss == pytest.approx(expected_loss, abs=1e-6)
+    if expected_grad is not None:
+        np.testing.assert_allclose(grad, expected_grad, atol=1e-6)
+
+
+def test_symmetric_clip_and_kl_oracles():
+    assert _token_loss("token_mean", FULL, 0.2, 0.2)[0] == pytest.approx(0.166505, abs=1e-6)
+    assert _token_loss("token_mean", PAD, 0.2, 0.2)[0] == pytest.approx(0.062093, abs=1e-6)
+    assert _token_loss("seq_mean_token_mean", FULL, kl_coef=0.1)[0] == pytest.approx(0.160318, abs=1e-6)
+    assert _token_loss("seq_mean_token_mean", PAD, kl_coef=0.1)[0] == pytest.approx(0.198264, abs=1e-6)
+    assert _token_loss("token_mean", PAD, kl_coef=0.1)[0] == pytest.approx(0.054571, abs=1e-6)
+
+
+def test_kl_estimators_against_numpy():
+    logprobs = torch.tensor(NEW, dtype=torch.float64)
+    ref = torch.tensor(REF, dtype=torch.float64)
+    d = np.array(REF) - np.array(NEW)
+    np.testing.assert_allclose(kl_penalty(logprobs, ref, "k1").numpy(), -d)
+    np.testing.assert_allclose(kl_penalty(logprobs, ref, "k2").numpy(), 0.5 * d**2)
+    np.testing.assert_allclose(kl_penalty(logprobs, ref, "k3").numpy(), np.exp(d) - d - 1)
+    np.testing.assert_allclose(
+        kl_penalty(logprobs, ref, "k3").numpy(), [[0.018731, 0.005171, 0], [0, 0, 0.004837]], atol=1e-6
+    )
+    with pytest.raises(ValueError, match="unknown KL estimator"):
+        kl_penalty(logprobs, ref, "k4")
+
+
+def test_dual_clip_caps_negative_advantage_loss():
+    # ratio e^1.5 = 4.48 with A = -1: plain PPO loss 4.48, dual clip caps it at c * |A| = 3.
+    log_ratio = torch.tensor([[1.5, 1.5, -1.0]])
+    advantages = torch.tensor([[-1.0, 1.0, -1.0]])
+    loss, clipped = clipped_surrogate(log_ratio, advantages, 0.2, 0.2, clip_ratio_c=3.0)
+    r = np.exp([1.5, 1.5, -1.0])
+    expected = [min(max(r[0], 1.2), 3.0), -min(r[1], 1.2), min(max(r[2], 0.8), 3.0)]
+    np.testing.assert_allclose(loss.numpy()[0], expected, rtol=1e-6)
+    assert clipped.tolist() == [[True, True, True]]  # dual-capped, clipped high, clipped at 0.8
+    with pytest.raises(ValueError, match="clip_ratio_c"):
+        clipped_surrogate(log_ratio, advantages, 0.2, 0.2, clip_ratio_c=0.5)
+
+
+def test_log_ratio_is_clamped_before_exp():
+    loss, _ = clipped_surrogate(torch.tensor([[500.0]]), torch.tensor([[-1.0]]), 0.2, 0.2)
+    assert torch.isfinite(loss).all() and float(loss) == pytest.approx(np.exp(20.0), rel=1e-5)
+
+
+def _gspo_loss(mask, low, high):
+    logprobs, old, advantages, mask_t = _inputs(mask)
+    unit_ids = torch.where(mask_t, 0, -1)
+    pooled = GSPO().pool_log_ratio((logprobs - old) * mask_t, unit_ids)
+    per_token, _ = clipped_surrogate(pooled, advantages, low, high)
+    loss = aggregate(per_token, mask_t, "seq_mean_token_mean")
+    loss.backward()
+    return float(loss.detach()), logprobs.grad.numpy(), pooled.detach().numpy()
+
+
+def test_gspo_sequence_ratio_loss_and_gradient():
+    loss, grad, pooled = _gspo_loss(FULL, 0.2, 0.28)
+    np.testing.assert_allclose(pooled[:, 0], [0.033333, -0.016667], atol=1e-6)
+    assert loss == pytest.approx(0.134915, abs=1e-6)
+    loss, grad, pooled = _gspo_loss(PAD, 0.2, 0.28)
+    assert loss == pytest.approx(0.162035, abs=1e-6)
+    np.testing.assert_allclose(grad, [[-0.086158] * 3, [0.210254, 0.210254, 0]], atol=1e-6)
+    np.testing.assert_allclose(np.exp(pooled[:, 0]), [1.033895, 1.051271], atol=1e-6)
+
+
+def test_gspo_paper_clip_range():
+    loss, grad, _ = _gspo_loss(FULL, 3e-4, 4e-4)
+    assert loss == pytest.approx(0.149780, abs=1e-6)
+    np.testing.assert_allclose(grad, 0.0, atol=1e-12)  # both sequences clipped
+    loss, grad, _ = _gspo_loss(PAD, 3e-4, 4e-4)
+    assert loss == pytest.approx(0.170408, abs=1e-6)
+    # Sequence 2: A < 0 and s > 1 + eps -> the pessimistic min keeps the unclipped branch.
+    np.testing.assert_allclose(grad, [[0, 0, 0], [0.210254, 0.210254, 0]], atol=1e-6)
+
+
+def test_on_policy_identity_ratio_is_one():
+    logprobs, _, advantages, mask = _inputs(FULL)
+    per_token, clipped = clipped_surrogate(logprobs - logprobs.detach(), advantages, 0.2, 0.28)
+    loss = aggregate(per_token, mask, "seq_mean_token_mean")
+    loss.backward()
+    assert float(loss.detach()) == pytest.approx(0.15)  # -mean_i A_i
+    assert not clipped.any()
+    np.testing.assert_allclose(logprobs.grad.numpy(), -np.array(ADV)[:, None] / (3 * 2) * np.ones((2, 3)))
+
+
+def test_micro_batch_normalisers():
+    # Two micro-batches of one row each, global normalisers: token_mean sums to the global token mean.
+    logprobs, old, advantages, mask = _inputs(PAD)
+    per_token, _ = clipped_surrogate((logprobs - old) * mask, advantages, 0.2, 0.28)
+    total_tokens = float(mask.sum())
+    summed = sum(
+        float(aggregate(per_token[i : i + 1], mask[i : i + 1], "token_mean", num_tokens=total_tokens, num_sequences=2))
+        for i in range(2)
+    )
+    assert summed == pytest.approx(0.054093, abs=1e-6)
+    local = sum(float(aggregate(per_token[i : i + 1], mask[i : i + 1], "token_mean")) for i in range(2)) / 2
+    assert local == pytest.approx(0.197866, abs=1e-6)  # TRL's bnpo: local normaliser
+
+
+def test_group_advantages_oracles():
+    rewards = torch.tensor([1.0, 0.0, 0.5, 0.5, 1.0, 1.0, 1.0, 1.0])
+    groups = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])
+    np.testing.assert_allclose(group_advantages(rewards, groups, "group").numpy(),
+                               [1.224445, -1.224445, 0, 0, 0, 0, 0, 0], atol=1e-6)
+    np.testing.assert_allclose(group_advantages(rewards, groups, "none").numpy(),
+                               [0.5, -0.5, 0, 0, 0, 0, 0, 0], atol=1e-7)
+    np.testing.assert_allclose(group_advantages(rewards, groups, "group", eps=1e-6).numpy()[:2],
+                               [1.224742, -1.224742], atol=1e-6)
+    np.testing.assert_allclose(group_advantages(rewards, groups, "batch").numpy(),
+                               [1.322526, -1.322526, 0, 0, 0, 0, 0, 0], atol=1e-6)
+
+
+def test_group_advantages_per_rank_and_random_against_numpy():
+    rng = np.random.default_rng(0)
+    rewards = rng.random((12, 5))
+    groups = np.repeat([2, 7, 3], 4)  # arbitrary ids, contiguous groups
+    got = group_advantages(torch.tensor(rewards), torch.tensor(groups), "group").numpy()
+    for g in np.unique(groups):
+        block = rewards[groups == g]
+        expected = (block - block.mean(0)) / (block.std(0, ddof=1) + 1e-4)
+        np.testing.assert_allclose(got[groups == g], expected, rtol=1e-5, atol=1e-6)
+    # Example A of rank_grpo.md §1.10 (exp_inf hits): per-rank normalisation across the group.
+    hits = torch.tensor([[1, 0, 0], [0, 1, 0], [0, 0, 0], [1, 1, 0]], dtype=torch.float32)
+    np.testing.assert_allclose(
+        group_advantages(hits, torch.zeros(4, dtype=torch.long)).numpy(),
+        [[0.865875, -0.865875, 0], [-0.865875, 0.865875, 0], [-0.865875, -0.865875, 0], [0.865875, 0.865875, 0]],
+        atol=1e-6,
+    )
+
+
+def test_group_advantages_reject_nan():
+    with pytest.raises(ValueError, match="NaN"):
+        group_advantages(torch.tensor([1.0, float("nan")]), torch.tensor([0, 0]))
+
+
+def test_unit_mean_against_numpy_and_gradient():
+    rng = np.random.default_rng(1)
+    values = rng.normal(size=(3, 7))
+    unit_ids = np.array([[0, 0, 1, 1, 1, 2, -1], [0, 1, 1, 1, 3, 3, 3], [-1, -1, -1, -1, -1, -1, -1]])
+    tensor = torch.tensor(values, requires_grad=True)
+    pooled = unit_mean(tensor, torch.tensor(unit_ids), num_units=4)
+    expected = np.zeros_like(values)
+    for row in range(3):
+        for unit in set(unit_ids[row]) - {-1}:
+            members = unit_ids[row] == unit
+            expected[row, members] = values[row, members].mean()
+    np.testing.assert_allclose(pooled.detach().numpy(), expected)
+    pooled.sum().backward()  # each token of a unit of size n: n * (1/n) = 1; no credit: 0
+    np.testing.assert_allclose(tensor.grad.numpy(), (unit_ids >= 0).astype(float))
+
+
+def test_token_unit_ids():
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]], dtype=torch.bool)
+    assert token_unit_ids(mask).tolist() == [[0, 1, -1], [0, 1, 2]]
+
+
+def test_dapo_overlong_shaping_oracle():
+    lengths = torch.tensor([5, 6, 7, 8, 10, 11])
+    np.testing.assert_allclose(overlong_penalty(lengths, 10, 4).numpy(), [0, 0, -0.25, -0.5, -1.0, -1.0])
+    paper = overlong_penalty(torch.tensor([16384, 18432, 20480]), 20480, 4096)
+    np.testing.assert_allclose(paper.numpy(), [0, -0.5, -1.0])
+
+
+def test_seq_mean_unit_mean_matches_rank_grpo_paper_example_b():
+    # rank_grpo.md §1.10 example B: one sequence, rank-1 tokens logp-old [0.10, -0.05, 0.02],
+    # rank-2 tokens [0.30, 0.00]; A = [0.8, -0.5]; eps (0.06, 0.08).
+    log_ratio = torch.tensor([[0.10, -0.05, 0.02, 0.30, 0.00]])
+    unit_ids = torch.tensor([[0, 0, 0, 1, 1]])
+    advantages = torch.tensor([[0.8, 0.8, 0.8, -0.5, -0.5]])
+    mask = torch.ones(1, 5, dtype=torch.bool)
+    pooled = unit_mean(log_ratio, unit_ids, num_units=2)
+    np.testing.assert_allclose(pooled[0, [0, 3]].numpy(), [0.023333, 0.15], atol=1e-6)
+    per_token, _ = clipped_surrogate(pooled, advantages, 0.06, 0.08)
+    paper = aggregate(per_token, mask, "seq_mean_unit_mean", unit_ids=unit_ids, num_units=2)
+    code = aggregate(per_token, mask, "token_mean")
+    assert float(paper) == pytest.approx(-0.118985, abs=1e-6)
+    assert float(code) == pytest.approx(-0.258965, abs=1e-6)
+
+
+def test_unknown_aggregation_mode():
+    with pytest.raises(ValueError, match="unknown loss_agg_mode"):
+        aggregate(torch.zeros(1, 2), torch.ones(1, 2), "sum")

@@ -1,0 +1,140 @@
+"""Sampler behaviour: recompute consistency, greedy == generate, EOS and masks, filtering."""
+
+import pytest
+import torch
+
+from engine.logprobs import completion_logprobs
+from engine.rollout import Rollout, SamplingConfig, TransformersDecoder, filter_logits, sample
+from tests.conftest import left_padded_prompts, make_model
+
+PROMPTS = ["Sort these digits: 3 1 2", "Recommend movies like Heat (1995)", "Fargo"]
+
+
+def _sample(model, tokenizer, temperature, group_size=4, max_new_tokens=12, eos=None, pad=None, seed=0, **kw):
+    ids, mask = left_padded_prompts(tokenizer, PROMPTS)
+    generator = torch.Generator().manual_seed(seed)
+    return sample(
+        model, ids, mask, group_size, SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, **kw),
+        eos_token_ids=[tokenizer.eos_token_id] if eos is None else eos,
+        pad_token_id=tokenizer.pad_token_id if pad is None else pad, generator=generator,
+    )
+
+
+@torch.no_grad()
+def _max_recompute_gap(model, rollout):
+    recomputed = completion_logprobs(
+        model, rollout.prompt_ids, rollout.prompt_mask, rollout.completion_ids, rollout.completion_mask,
+        temperature=rollout.temperature, chunk_size=5,
+    ).logprobs
+    return float((recomputed - rollout.old_logprobs).abs().max())
+
+
+def _frequent_token(model, tokenizer):
+    """The token the policy samples most often: used as EOS so that rows stop at different steps."""
+    rollout = _sample(model, tokenizer, 1.0, max_new_tokens=16, eos=[-1])
+    return int(rollout.completion_ids.flatten().mode().values)
+
+
+@pytest.mark.parametrize("architecture", ["qwen2", "llama"])
+@pytest.mark.parametrize("temperature", [0.7, 1.0])
+def test_sampler_logprobs_equal_recompute(tokenizer, architecture, temperature):
+    model = make_model(tokenizer, architecture, tie=architecture == "qwen2")
+    rollout = _sample(model, tokenizer, temperature)
+    assert rollout.prompt_mask.sum(1).unique().numel() > 1  # mixed prompt lengths, left padding
+    assert _max_recompute_gap(model, rollout) < 1e-5
+
+
+def test_pad_equal_to_eos_uses_masks(qwen_model, tokenizer):
+    eos = _frequent_token(qwen_model, tokenizer)
+    rollout = _sample(qwen_model, tokenizer, 1.0, eos=[eos], pad=eos, max_new_tokens=16)
+    assert rollout.ended_with_eos.any()
+    for row in range(rollout.num_rows):
+        mask = rollout.completion_mask[row]
+        length = int(mask.sum())
+        assert mask[:length].all() and not mask[length:].any()  # mask is a prefix
+        if rollout.ended_with_eos[row]:
+            assert int(rollout.completion_ids[row, length - 1]) == eos  # EOS kept, counted
+            assert (rollout.completion_ids[row, :length - 1] != eos).all()
+    assert _max_recompute_gap(qwen_model, rollout) < 1e-5
+
+
+def test_rows_stop_at_their_first_eos_and_batch_stops_early(qwen_model, tokenizer):
+    free = _sample(qwen_model, tokenizer, 0.0, group_size=1, max_new_tokens=10, eos=[-1])
+    eos_ids = sorted({int(free.completion_ids[row, 3]) for row in range(free.num_rows)})
+    stopped = _sample(qwen_model, tokenizer, 0.0, group_size=1, max_new_tokens=10, eos=eos_ids)
+    expected_lengths = []
+    for row in range(free.num_rows):
+        tokens = free.completion_ids[row].tolist()
+        expected_lengths.append(next(i for i, t in enumerate(tokens) if t in eos_ids) + 1)
+    assert stopped.completion_lengths.tolist() == expected_lengths
+    assert stopped.ended_with_eos.all()
+    assert stopped.completion_ids.shape[1] == max(expected_lengths) <= 4  # no step after the last EOS
+    assert (free.completion_lengths == 10).all() and not free.ended_with_eos.any()
+
+
+def test_greedy_equals_transformers_generate(tokenizer):
+    for architecture in ("qwen2", "llama"):
+        model = make_model(tokenizer, architecture)
+        ids, mask = left_padded_prompts(tokenizer, PROMPTS)
+        rollout = _sample(model, tokenizer, 0.0, group_size=1, max_new_tokens=10)
+        generated = model.generate(
+            input_ids=ids, attention_mask=mask.long(), do_sample=False, max_new_tokens=10,
+            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+        )[:, ids.shape[1]:]
+        for row in range(len(PROMPTS)):
+            length = int(rollout.completion_lengths[row])
+            assert rollout.completion_ids[row, :length].tolist() == generated[row, :length].tolist()
+
+
+def test_group_rows_contiguous_and_seeded(qwen_model, tokenizer):
+    first = _sample(qwen_model, tokenizer, 1.0, seed=3)
+    second = _sample(qwen_model, tokenizer, 1.0, seed=3)
+    assert torch.equal(first.completion_ids, second.completion_ids)
+    assert first.group_ids.tolist() == [0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2]
+    assert torch.equal(first.prompt_ids[0], first.prompt_ids[3])
+    # different samples inside a group (temperature 1 over a random model)
+    assert not torch.equal(first.completion_ids[0], first.completion_ids[1])
+
+
+def test_fallback_decoder_matches_fast_decoder(qwen_model, tokenizer, monkeypatch):
+    fast = _sample(qwen_model, tokenizer, 0.0, group_size=2, max_new_tokens=8)
+    import engine.rollout as rollout_module
+
+    monkeypatch.setattr(rollout_module.KVDecoder, "supports", staticmethod(lambda model: False))
+    slow = _sample(qwen_model, tokenizer, 0.0, group_size=2, max_new_tokens=8)
+    assert torch.equal(fast.completion_ids, slow.completion_ids)
+    torch.testing.assert_close(fast.old_logprobs, slow.old_logprobs, atol=1e-5, rtol=0)
+
+
+def test_top_k_and_top_p_filtering():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    assert torch.isinf(filter_logits(logits, top_k=2, top_p=1.0)).tolist() == [[False, False, True, True]]
+    assert torch.isinf(filter_logits(logits, top_k=0, top_p=0.8)).tolist() == [[False, False, True, True]]
+    assert torch.isinf(filter_logits(logits, top_k=0, top_p=0.81)).tolist() == [[False, False, False, True]]
+    assert torch.isinf(filter_logits(logits, top_k=0, top_p=0.1)).tolist() == [[False, True, True, True]]
+
+
+def test_top_k_sampling_only_draws_top_tokens(qwen_model, tokenizer):
+    rollout = _sample(qwen_model, tokenizer, 1.0, top_k=1, max_new_tokens=6)
+    greedy = _sample(qwen_model, tokenizer, 0.0, max_new_tokens=6)
+    assert torch.equal(rollout.completion_ids, greedy.completion_ids)
+
+
+def test_bad_inputs_are_reported(qwen_model, tokenizer):
+    ids, mask = left_padded_prompts(tokenizer, PROMPTS)
+    with pytest.raises(ValueError, match="left-padded"):
+        sample(qwen_model, ids, mask.flip(1), 2, SamplingConfig(), [tokenizer.eos_token_id], tokenizer.pad_token_id)
+    with pytest.raises(ValueError, match=r"\[P, S\]"):
+        sample(qwen_model, ids[0], mask[0], 2, SamplingConfig(), [tokenizer.eos_token_id], tokenizer.pad_token_id)
+    with pytest.raises(ValueError, match="temperature"):
+        SamplingConfig(temperature=-1)
+
+
+def test_rollout_concatenate_and_select(qwen_model, tokenizer):
+    first = _sample(qwen_model, tokenizer, 1.0, group_size=2, max_new_tokens=5)
+    second = _sample(qwen_model, tokenizer, 1.0, group_size=2, max_new_tokens=9, seed=1)
+    both = Rollout.concatenate([first, second.select_rows(torch.tensor([2, 3]))])
+    assert both.num_rows == 8 and both.completion_ids.shape[1] == second.completion_ids.shape[1]
+    assert both.group_ids.tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
+    assert not both.completion_mask[:6, 5:].any()
+    assert torch.equal(both.completion_ids[6:], second.completion_ids[2:4])
