@@ -105,9 +105,4 @@ def _import_builtin_strategies() -> None:
     # Importing the modules runs their @register_strategy decorators.
     import algorithms.dapo  # noqa: F401
     import algorithms.grpo  # noqa: F401
-
-    try:
-        import algorithms.rank_grpo  # noqa: F401
-    except ModuleNotFoundError as error:  # only while rank_grpo.py does not exist yet
-        if error.name != "algorithms.rank_grpo":
-            raise
+    import algorithms.rank_grpo  # noqa: F401

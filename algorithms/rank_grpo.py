@@ -40,7 +40,10 @@ with its own reward, advantage and importance ratio.
             is an overflow token and gets only this);
        +0.1 to the EOS token when it sits in rank N-1 (exactly N items);
        -0.1 to the EOS token when it sits in a rank < N-1 (stopped early);
-   and nothing to the EOS of truncated rows (they have none).
+   and nothing to the EOS of truncated rows (they have none). As in the code, "exactly N
+   items" means "EOS in rank N-1": N-1 items plus a trailing newline also get the +0.1,
+   and a blank line ("\\n\\n") uses up a rank, shifting later tokens against the parsed
+   reward ranks (notes §1.1, §1.11.3).
 
 5. Rank ratio: the geometric mean of the token ratios of rank k, i.e. the ratio of
    the length-normalised item probabilities,
@@ -185,7 +188,9 @@ class RankGRPO(Strategy):
             raise ValueError(
                 f"unit_ids {tuple(unit_ids.shape)} and completion_ids {tuple(rollout.completion_ids.shape)} differ"
             )
-        rank_advantages = group_advantages(rewards, rollout.group_ids, self.advantage_scale, self.advantage_eps)  # [B, N]
+        rank_advantages = group_advantages(  # [B, N], normalised rank by rank across each group
+            rewards, rollout.group_ids, self.advantage_scale, self.advantage_eps
+        )
         overflow_column = torch.zeros_like(rank_advantages[:, :1])  # [B, 1]
         with_overflow = torch.cat([rank_advantages, overflow_column], dim=1)  # [B, N + 1]
         has_rank = unit_ids >= 0  # [B, T]

@@ -215,12 +215,12 @@ class Learner:
                 grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), config.max_grad_norm)
                 if math.isfinite(step_loss) and bool(torch.isfinite(grad_norm)):
                     self.optimizer.step()
+                    self.scheduler.step()
                     totals["optimizer_steps"] += 1
                     totals["grad_norm"] += float(grad_norm)
                 else:
                     totals["skipped_steps"] += 1
                 self.optimizer.zero_grad(set_to_none=True)
-                self.scheduler.step()
                 totals["loss"] += step_loss
         passes = config.ppo_epochs * config.mini_batches
         return {

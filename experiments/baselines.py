@@ -243,9 +243,17 @@ def teacher_demonstration(
 def attach_demonstrations(
     examples: Iterable[RecExample], teacher: ItemScorer, conversations: MovieLensConversations, n: int | None = None
 ) -> None:
-    """Set ``example.demonstration`` from the teacher for every example (in place)."""
-    for example in examples:
-        example.demonstration = teacher_demonstration(teacher, example, conversations, n)
+    """Set ``example.demonstration`` from the teacher for every example (in place).
+
+    Scores are computed for all examples in one batched matrix product.
+    """
+    examples = list(examples)
+    if not examples:
+        return
+    n = conversations.list_length if n is None else n
+    all_scores = teacher.batch_scores([example.history_item_ids for example in examples])  # [E, items]
+    for example, scores in zip(examples, all_scores):
+        example.demonstration = format_list(items_from_scores(scores, example.seen_item_ids, conversations, n))
 
 
 def fit_teacher(conversations: MovieLensConversations, l2: float = 500.0, part: str = "train") -> EASERecommender:

@@ -119,5 +119,48 @@ EXPERIMENTS: dict[str, Experiment] = {
 }
 
 
+# Conversational recommendation (Rank-GRPO's setting). Reddit-v2 when present in the
+# data dir, else the MovieLens-100K conversational set. Tiny Qwen2 (config C0 dims),
+# tokenizer trained on the data, SFT warm start from an EASE teacher's lists (cached per
+# config), then RL. Every RL variant shares the SFT checkpoint, the KL-to-SFT reference
+# (k3, 1e-3), the clip range of the official Rank-GRPO code (0.06 / 0.08) and the
+# token-mean aggregation, so the credit unit is the only difference between them.
+REC_DEFAULTS = dict(
+    task="recommendation", list_length=10, max_new_tokens=128, max_prompt_length=256, temperature=1.0,
+    vocab_size=4096, hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=2, intermediate_size=688,
+    sft_steps=400, sft_lr=1e-3, sft_batch_size=32, lr=2e-5, max_steps=150, prompts_per_step=4, group_size=8,
+    micro_batch_size=16, save_every=50, eval_every=50, clip_ratio_low=0.06, clip_ratio_high=0.08,
+    kl_coef=1e-3, kl_loss_type="k3", loss_agg_mode="token_mean", eval_size=0,
+)
+REC_QUICK = dict(sft_steps=60, max_steps=8, eval_size=48, save_every=0, eval_every=0, hidden_size=128,
+                 num_layers=2, intermediate_size=344, vocab_size=2048, prompts_per_step=2)
+
+
+def _rec(name: str, kind: str, algorithm: str, description: str, **overrides) -> Experiment:
+    config = replace(ExperimentConfig(), name=name, kind=kind, algorithm=algorithm, **{**REC_DEFAULTS, **overrides})
+    return Experiment(description, config, dict(REC_QUICK))
+
+
+EXPERIMENTS.update({
+    "baselines_ml100k": Experiment(
+        "popularity, item-kNN and EASE on the MovieLens-100K test split (Recall/NDCG @5/10/20)",
+        replace(ExperimentConfig(), name="baselines_ml100k", kind="baselines", task="recommendation", list_length=20),
+        {},
+    ),
+    "sft_reddit": _rec("sft_reddit", "sft", "grpo", "SFT warm start only (EASE-teacher demonstrations)"),
+    "grpo_reddit": _rec("grpo_reddit", "rl", "grpo", "SFT + GRPO: token unit, sequence reward NDCG@N",
+                        reward_kind="ndcg"),
+    "gspo_reddit": _rec("gspo_reddit", "rl", "gspo", "SFT + GSPO: sequence unit, sequence reward NDCG@N",
+                        reward_kind="ndcg", loss_agg_mode="seq_mean_token_mean",
+                        clip_ratio_low=3e-4, clip_ratio_high=4e-4),
+    "rank_grpo_reddit": _rec("rank_grpo_reddit", "rl", "rank_grpo",
+                             "the headline: SFT + Rank-GRPO, rank unit, exp_inf per-rank reward",
+                             reward_kind="exp_inf"),
+    "rank_grpo_log_reddit": _rec("rank_grpo_log_reddit", "rl", "rank_grpo",
+                                 "SFT + Rank-GRPO with the log_decay (causal DCG suffix) per-rank reward",
+                                 reward_kind="log_decay"),
+})
+
+
 def experiment_names() -> list[str]:
     return sorted(EXPERIMENTS)

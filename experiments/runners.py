@@ -14,7 +14,6 @@ import dataclasses
 import hashlib
 import inspect
 import json
-import os
 import random
 import shutil
 from pathlib import Path
@@ -28,6 +27,7 @@ from engine.learner import Learner, LearnerConfig
 from engine.rollout import SamplingConfig
 from engine.sft import SFTConfig, supervised_finetune
 from engine.trainer import Trainer, TrainerConfig
+from experiments.data.common import cache_dir
 from experiments.registry import ExperimentConfig
 from experiments.run import write_config
 from models.loader import ModelLoadError, load_model_and_tokenizer
@@ -135,7 +135,7 @@ def run_rl(config: ExperimentConfig, run_dir: Path, task, corpus: list[str], res
 
 SFT_KEYS = ("task", "seed", "model", "architecture", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
             "intermediate_size", "vocab_size", "sort_min_digits", "sort_max_digits", "sort_train_size", "list_length",
-            "sft_steps", "sft_lr", "sft_batch_size", "train_cut_points", "max_prompt_length")
+            "sft_steps", "sft_lr", "sft_batch_size", "train_cut_points", "max_prompt_length", "max_new_tokens")
 
 
 def sft_cache_dir(config: ExperimentConfig, data_source: str) -> Path:
@@ -143,8 +143,7 @@ def sft_cache_dir(config: ExperimentConfig, data_source: str) -> Path:
     identity = {key: getattr(config, key) for key in SFT_KEYS}
     identity["data_source"] = data_source
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
-    root = Path(os.environ.get("RECRL_CACHE_DIR", Path.home() / ".cache" / "recrl"))
-    return root / "sft" / f"{config.task}-{digest}"
+    return cache_dir() / "sft" / f"{config.task}-{digest}"
 
 
 def run_sft_stage(config: ExperimentConfig, task, corpus: list[str], data_source: str) -> Path:
@@ -188,11 +187,57 @@ def build_task(config: ExperimentConfig, data_dir: str | None):
         task = SortTask(config.sort_train_size, config.sort_eval_size, config.sort_min_digits,
                         config.sort_max_digits, config.seed)
         return task, task.corpus(), "built-in digit sorting"
+    if config.task == "recommendation":
+        from experiments.data import DataError, load_recommendation_data
+        from experiments.rec_task import RecommendationTask
+
+        try:
+            data = load_recommendation_data(data_dir, list_length=config.list_length, teacher_demonstrations=True,
+                                            verbose=False)
+        except DataError as error:
+            raise ExperimentError(str(error)) from error
+        if data.source == "reddit-v2":
+            print(f"data: Reddit-v2 conversations ({len(data.train)} train / {len(data.test)} test)")
+        else:
+            print(f"data: Reddit-v2 not found in the data dir; using the MovieLens-100K conversational set instead "
+                  f"({len(data.train)} train / {len(data.test)} test requests)")
+        list_length = data.list_length
+        if list_length != config.list_length:
+            raise ExperimentError(f"{data.source} prompts ask for {list_length} items; run with --set list_length={list_length}")
+        task = RecommendationTask(data, list_length, config.reward_kind, config.reward_gamma, config.eval_size)
+        return task, task.corpus(), data.source
     raise ExperimentError(f"unknown task {config.task!r}; use 'sort' or 'recommendation'")
 
 
+def run_sft_only(config: ExperimentConfig, run_dir: Path, task, corpus: list[str], data_source: str) -> dict:
+    """SFT (cached) and its evaluation on the test split, as stage "sft" of eval.json."""
+    from engine.trainer import greedy_generate, write_eval
+
+    folder = run_sft_stage(config, task, corpus, data_source)
+    write_config(run_dir, config, {"data_source": data_source, "sft_checkpoint": str(folder)})
+    model, tokenizer = load_model_and_tokenizer(str(folder), device=config.device)
+    results = task.evaluate(lambda chats: greedy_generate(model, tokenizer, chats, config.max_new_tokens,
+                                                          config.max_prompt_length, batch_size=32))
+    write_eval(run_dir, "sft", results)
+    return results
+
+
 def run_experiment(config: ExperimentConfig, run_dir: Path, data_dir: str | None, resume: bool) -> None:
+    if config.kind == "baselines":
+        from experiments.baselines import run_baselines
+        from experiments.data import DataError
+
+        write_config(run_dir, config, {"data_source": "movielens-100k"})
+        try:
+            run_baselines(run_dir, data_dir=data_dir, list_length=config.list_length)
+        except DataError as error:
+            raise ExperimentError(str(error)) from error
+        return
     task, corpus, data_source = build_task(config, data_dir)
+    if config.kind == "sft":
+        final = run_sft_only(config, run_dir, task, corpus, data_source)
+        print("sft eval: " + ", ".join(f"{k}={v:.4f}" for k, v in final.items()))
+        return
     if config.kind == "rl":
         initial_model = run_sft_stage(config, task, corpus, data_source) if config.sft_steps > 0 else None
         final = run_rl(config, run_dir, task, corpus, resume, initial_model=str(initial_model) if initial_model else None,

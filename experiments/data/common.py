@@ -4,7 +4,7 @@ Data directory lookup order (first that is set wins):
 
 1. the ``data_dir`` argument (``--data-dir`` on the command line),
 2. the environment variable ``RECRL_DATA_DIR``,
-3. the cache ``~/.cache/recrl`` (downloads go here).
+3. the cache ``~/.cache/recrl`` (or ``$RECRL_CACHE_DIR``; downloads go here).
 
 Layout inside a data directory::
 
@@ -99,8 +99,11 @@ class RecData:
 
 
 def cache_dir() -> Path:
-    """The download cache, ``~/.cache/recrl`` (expanded, not created)."""
-    return DEFAULT_CACHE_DIR.expanduser()
+    """recrl's cache (downloads, SFT checkpoints): ``$RECRL_CACHE_DIR`` if set, else ``~/.cache/recrl``.
+
+    Expanded, not created.
+    """
+    return Path(os.environ.get("RECRL_CACHE_DIR") or DEFAULT_CACHE_DIR).expanduser()
 
 
 def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path:

@@ -1,0 +1,155 @@
+"""The RL loop end to end: learning, exact resume, NaN rewards, dynamic sampling, CLI errors."""
+
+import json
+
+import pytest
+import torch
+
+from algorithms.dapo import DAPO
+from engine.learner import Learner, LearnerConfig
+from engine.logging import read_metrics
+from engine.rollout import SamplingConfig
+from engine.trainer import Trainer, TrainerConfig
+from experiments import run
+from tests.conftest import make_model
+
+TIMING_KEYS = ("time_rollout_s", "time_reward_s", "time_learn_s", "tokens_per_s")
+TINY = ["--set", "hidden_size=32", "--set", "intermediate_size=64", "--set", "num_layers=1",
+        "--set", "prompts_per_step=2", "--set", "group_size=4", "--set", "sort_train_size=64",
+        "--set", "sort_eval_size=8", "--set", "sft_steps=0", "--set", "max_new_tokens=8"]
+
+
+@pytest.fixture(autouse=True)
+def isolated_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("RECRL_CACHE_DIR", str(tmp_path / "cache"))
+
+
+def _without_timings(rows):
+    return [{k: v for k, v in row.items() if k not in TIMING_KEYS} for row in rows]
+
+
+def test_grpo_sort_quick_learns(tmp_path):
+    out = tmp_path / "grpo"
+    assert run.main(["grpo_sort", "--quick", "--out", str(out)]) == 0
+    evaluation = json.loads((out / "eval.json").read_text())
+    assert evaluation["grpo"]["reward"] > evaluation["sft"]["reward"] + 0.15
+    rewards = [row["reward_mean"] for row in read_metrics(out / "metrics.jsonl") if not row.get("eval")]
+    assert sum(rewards[-20:]) / 20 > sum(rewards[:20]) / 20 + 0.1
+    config = json.loads((out / "config.json").read_text())
+    assert config["experiment"]["name"] == "grpo_sort" and config["data_source"] == "built-in digit sorting"
+    assert "torch" in config["environment"]
+    checkpoint = out / "checkpoints" / "step_100"
+    for name in ("model.safetensors", "config.json", "tokenizer.json", "optimizer.pt", "trainer_state.json"):
+        assert (checkpoint / name).exists(), name
+    assert list(out.glob("events.out.tfevents.*"))
+
+
+def test_resume_reproduces_the_uninterrupted_run(tmp_path, monkeypatch):
+    arguments = ["grpo_sort", *TINY, "--set", "max_steps=6", "--set", "save_every=3", "--set", "eval_every=0"]
+    straight = tmp_path / "straight"
+    assert run.main([*arguments, "--out", str(straight)]) == 0
+
+    interrupted = tmp_path / "interrupted"
+    original_step = Trainer.train_step
+
+    def crash_after_step_four(self):
+        if self.step == 4:
+            raise RuntimeError("simulated crash")
+        return original_step(self)
+
+    monkeypatch.setattr(Trainer, "train_step", crash_after_step_four)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run.main([*arguments, "--out", str(interrupted)])
+    monkeypatch.setattr(Trainer, "train_step", original_step)
+    assert len([r for r in read_metrics(interrupted / "metrics.jsonl") if not r.get("eval")]) == 4
+    assert (interrupted / "checkpoints" / "step_3").exists()
+    assert not list((interrupted / "checkpoints").glob(".tmp*"))
+
+    assert run.main(["grpo_sort", "--resume", str(interrupted)]) == 0
+    expected = _without_timings(read_metrics(straight / "metrics.jsonl"))
+    resumed = _without_timings(read_metrics(interrupted / "metrics.jsonl"))
+    assert resumed == expected
+    assert json.loads((interrupted / "eval.json").read_text()) == json.loads((straight / "eval.json").read_text())
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["no_such_experiment"], "unknown experiment"),
+        (["grpo_sort", "--set", "no_such_key=1"], "unknown config key"),
+        (["grpo_sort", "--set", "lr=fast"], "expected a value of type float"),
+        (["grpo_sort", "--set", "max_steps=1.5"], "expected a value of type int"),
+        (["grpo_sort", "--set", "lr"], "expected key=value"),
+        (["grpo_sort", "--resume", "/no/such/run"], "no such run directory"),
+        ([], "name an experiment"),
+        (["grpo_sort", "--bogus"], "unrecognized arguments"),
+    ],
+)
+def test_cli_errors_exit_2_with_one_line(argv, message, capsys):
+    assert run.main(argv) == 2
+    error = capsys.readouterr().err
+    assert message in error and error.count("\n") == 1
+
+
+def test_list_names_every_experiment(capsys):
+    assert run.main(["--list"]) == 0
+    listed = capsys.readouterr().out
+    for name in ("grpo_sort", "gspo_sort", "dapo_sort"):
+        assert name in listed
+
+
+class ToyTask:
+    """Prompt i asks for nothing in particular; rewards come from a function of (i, text)."""
+
+    def __init__(self, reward):
+        self.reward = reward
+
+    def num_train_prompts(self):
+        return 8
+
+    def train_messages(self, index):
+        return [{"role": "user", "content": f"Sort these digits: {index} 1 2"}]
+
+    def rewards(self, prompt_indices, completions):
+        return torch.tensor([self.reward(i, text) for i, text in zip(prompt_indices, completions)])
+
+    def evaluate(self, generate):
+        return {"reward": 0.0}
+
+
+def _trainer(tokenizer, tmp_path, task, strategy, **config):
+    model = make_model(tokenizer)
+    learner = Learner(model, LearnerConfig(lr=1e-2, loss_agg_mode="token_mean"), strategy)
+    trainer_config = TrainerConfig(prompts_per_step=2, group_size=4, sampling=SamplingConfig(max_new_tokens=6),
+                                   **config)
+    return Trainer(model, tokenizer, task, strategy, learner, trainer_config, tmp_path), model
+
+
+def test_nan_rewards_skip_the_step_without_touching_weights(tokenizer, tmp_path):
+    task = ToyTask(lambda index, text: float("nan") if len(text) % 2 else 1.0)
+    trainer, model = _trainer(tokenizer, tmp_path, task, DAPO(dynamic_sampling=False))
+    before = [p.detach().clone() for p in model.parameters()]
+    metrics = trainer.train_step()
+    assert "non-finite reward" in metrics["skipped"]
+    assert all(torch.equal(b, p) for b, p in zip(before, model.parameters()))
+
+
+def test_dynamic_sampling_refills_the_batch(tokenizer, tmp_path):
+    # Even prompts: all rewards equal (no signal, dropped); odd prompts: rewards vary with the text.
+    task = ToyTask(lambda index, text: 1.0 if index % 2 == 0 else float(len(text) % 3))
+    trainer, _ = _trainer(tokenizer, tmp_path, task, DAPO(), max_generation_rounds=6)
+    captured = []
+    original_update = trainer.learner.update
+    trainer.learner.update = lambda batch: captured.append(batch) or original_update(batch)
+    metrics = trainer.train_step()
+    (batch,) = captured
+    assert batch.rollout.num_rows == 2 * 4  # full batch: prompts_per_step groups of G
+    assert 0.0 < metrics["frac_groups_dropped"] < 1.0
+    assert trainer.cursor.consumed > 2  # it sampled more prompts than one round
+
+
+def test_dynamic_sampling_gives_up_after_max_rounds(tokenizer, tmp_path):
+    trainer, model = _trainer(tokenizer, tmp_path, ToyTask(lambda index, text: 1.0), DAPO(), max_generation_rounds=2)
+    metrics = trainer.train_step()
+    assert "kept no group" in metrics["skipped"] and metrics["frac_groups_dropped"] == 1.0
+    assert trainer.cursor.consumed == 4
