@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from engine.decoder import KVDecoder
+from engine.decoder import KVDecoder, sample_categorical
 
 TOL = 1e-5
 SMALL = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -65,15 +65,16 @@ def _hf_logits(model, ids, mask):
     return model(input_ids=ids, attention_mask=mask, position_ids=pos).logits.float()
 
 
+@pytest.mark.parametrize("pack", [None, False], ids=["default", "unpacked"])
 @pytest.mark.parametrize("name", list(MODELS))
-def test_prefill_and_decode_match_hf(name):
+def test_prefill_and_decode_match_hf(name, pack):
     model = _randomize(MODELS[name]())
     assert KVDecoder.supports(model)
     V = model.config.vocab_size
     lengths, S, R, steps = [7, 3, 10], 10, 2, 6
     ids, mask = _prompts(lengths, S, V)
     P = len(lengths)
-    dec = KVDecoder(model, max_batch_size=P * R, max_total_length=S + steps + 2)
+    dec = KVDecoder(model, max_batch_size=P * R, max_total_length=S + steps + 2, pack_weights=pack)
 
     logits = dec.prefill(ids, mask, repeats=R)
     assert logits.shape == (P * R, V) and logits.dtype == torch.float32
@@ -169,3 +170,19 @@ def test_bf16_close_to_hf():
     ref = _hf_logits(model, torch.cat([ids.repeat_interleave(2, 0), tok[:, None]], 1),
                      torch.cat([mask.repeat_interleave(2, 0), torch.ones(4, 1, dtype=torch.long)], 1))[:, -1]
     assert (out - ref).abs().max() < 0.1 * ref.abs().max()
+
+
+def test_sample_categorical_distribution():
+    g = torch.Generator().manual_seed(0)
+    probs = torch.softmax(torch.randn(3, 12, generator=g), -1)
+    probs[:, 0] = 0.0          # zero-probability entries (first, middle, last) are never drawn
+    probs[:, 5] = 0.0
+    probs[:, -1] = 0.0
+    probs[2] *= 7.0            # unnormalised rows are fine
+    n = 40000
+    draws = sample_categorical(probs.repeat(n, 1), generator=g).view(n, 3)
+    target = probs / probs.sum(-1, keepdim=True)
+    for r in range(3):
+        freq = torch.bincount(draws[:, r], minlength=12).float() / n
+        assert freq[[0, 5, 11]].sum() == 0
+        assert (freq - target[r]).abs().max() < 0.012

@@ -143,7 +143,7 @@ def test_on_policy_identity_ratio_is_one():
 def test_micro_batch_normalisers():
     # Two micro-batches of one row each, global normalisers: token_mean sums to the global token mean.
     logprobs, old, advantages, mask = _inputs(PAD)
-    per_token, _ = clipped_surrogate((logprobs - old) * mask, advantages, 0.2, 0.28)
+    per_token, _ = clipped_surrogate((logprobs.detach() - old) * mask, advantages, 0.2, 0.28)
     total_tokens = float(mask.sum())
     summed = sum(
         float(aggregate(per_token[i : i + 1], mask[i : i + 1], "token_mean", num_tokens=total_tokens, num_sequences=2))
