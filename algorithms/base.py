@@ -94,11 +94,15 @@ def strategy_names() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def make_strategy(name: str, **options) -> Strategy:
+def strategy_class(name: str) -> type[Strategy]:
     _import_builtin_strategies()
     if name not in _REGISTRY:
         raise ValueError(f"unknown algorithm {name!r}; known: {', '.join(sorted(_REGISTRY))}")
-    return _REGISTRY[name](**options)
+    return _REGISTRY[name]
+
+
+def make_strategy(name: str, **options) -> Strategy:
+    return strategy_class(name)(**options)
 
 
 def _import_builtin_strategies() -> None:

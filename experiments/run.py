@@ -104,6 +104,10 @@ def resolve_config(args: argparse.Namespace) -> ExperimentConfig:
         config = dataclasses.replace(config, model=args.model)
     if args.device:
         config = dataclasses.replace(config, device=args.device)
+    from algorithms.base import strategy_names
+
+    if config.algorithm not in strategy_names():
+        raise UsageError(f"unknown algorithm {config.algorithm!r}; known: {', '.join(strategy_names())}")
     if config.device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda: no CUDA device is available here; use --device cpu")
     return config

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from algorithms.base import make_strategy
+from algorithms.base import make_strategy, strategy_class
 from engine.learner import Learner, LearnerConfig
 from engine.rollout import SamplingConfig
 from engine.sft import SFTConfig, supervised_finetune
@@ -100,11 +100,11 @@ def trainer_config(config: ExperimentConfig) -> TrainerConfig:
 
 def build_strategy(config: ExperimentConfig, **extra):
     """The configured strategy; constructor arguments are taken from config fields of the same name."""
-    from algorithms.base import _REGISTRY, strategy_names
-
-    if config.algorithm not in strategy_names():
-        raise ExperimentError(f"unknown algorithm {config.algorithm!r}; known: {', '.join(strategy_names())}")
-    parameters = inspect.signature(_REGISTRY[config.algorithm].__init__).parameters
+    try:
+        cls = strategy_class(config.algorithm)
+    except ValueError as error:
+        raise ExperimentError(str(error)) from error
+    parameters = inspect.signature(cls.__init__).parameters
     values = {**dataclasses.asdict(config), **extra}
     return make_strategy(config.algorithm, **{k: values[k] for k in parameters if k in values})
 
