@@ -33,7 +33,7 @@ from dataclasses import dataclass, fields, replace
 import torch
 from torch import Tensor
 
-from engine.decoder import KVDecoder
+from engine.decoder import KVDecoder, sample_categorical
 
 
 @dataclass
@@ -160,6 +160,12 @@ class TransformersDecoder:
         self.positions = self.positions + 1
         return outputs.logits[:, -1].float()  # [B, V]
 
+    def keep_rows(self, row_indices: Tensor) -> None:
+        """Keep only these rows (in this order) for the following decode steps."""
+        self.cache.batch_select_indices(row_indices)
+        self.attention_mask = self.attention_mask[row_indices]
+        self.positions = self.positions[row_indices]
+
 
 def make_decoder(model, max_batch_size: int, max_total_length: int):
     """The fastest decoder that supports `model`."""
@@ -232,31 +238,42 @@ def sample(
     completion_mask = torch.zeros((batch_size, max_new_tokens), dtype=torch.bool, device=device)
     old_logprobs = torch.zeros((batch_size, max_new_tokens), dtype=torch.float32, device=device)
     done = torch.zeros(batch_size, dtype=torch.bool, device=device)  # [B]
-    # Checking "all rows done" needs a device->host sync; on GPUs do it every few steps.
+    # The decoder holds only the rows still generating: `decoder_rows[a]` is the batch
+    # row of decoder row a. Once a quarter of them have finished they are dropped
+    # (`keep_rows`), so finished rows stop costing compute. Checking for finished rows
+    # needs a device->host sync; on GPUs it happens every few steps.
+    decoder_rows = torch.arange(batch_size, device=device)  # [A]
     check_every = 1 if device.type == "cpu" else 8
 
     steps_taken = 0
     for step in range(max_new_tokens):
-        scaled = logits / temperature  # [B, V] float32
-        logprobs_all = scaled.log_softmax(dim=-1)  # [B, V]
+        scaled = logits / temperature  # [A, V] float32
+        logprobs_all = scaled.log_softmax(dim=-1)  # [A, V]
         if greedy:
-            tokens = scaled.argmax(dim=-1)  # [B]
+            tokens = scaled.argmax(dim=-1)  # [A]
         else:
-            filtered = filter_logits(scaled, config.top_k, config.top_p)
-            probs = filtered.softmax(dim=-1)
-            tokens = torch.multinomial(probs, 1, generator=generator).squeeze(1)  # [B]
-        active = ~done  # [B] rows still generating at this step
-        tokens = torch.where(active, tokens, torch.full_like(tokens, pad_token_id))
-        completion_ids[:, step] = tokens
-        completion_mask[:, step] = active
-        old_logprobs[:, step] = logprobs_all.gather(1, tokens[:, None]).squeeze(1) * active
-        done = done | (active & torch.isin(tokens, eos_ids))
+            if config.top_k > 0 or config.top_p < 1.0:
+                probs = filter_logits(scaled, config.top_k, config.top_p).softmax(dim=-1)
+            else:
+                probs = logprobs_all.exp()  # [A, V]; the full softmax, already computed
+            tokens = sample_categorical(probs, generator=generator)  # [A]; inverse CDF, ~20x cheaper than multinomial on CPU
+        alive = ~done[decoder_rows]  # [A] rows that had not finished before this step
+        tokens = torch.where(alive, tokens, torch.full_like(tokens, pad_token_id))
+        completion_ids[decoder_rows, step] = tokens
+        completion_mask[decoder_rows, step] = alive
+        old_logprobs[decoder_rows, step] = logprobs_all.gather(1, tokens[:, None]).squeeze(1) * alive
+        done[decoder_rows] = done[decoder_rows] | (alive & torch.isin(tokens, eos_ids))
         steps_taken = step + 1
         if step == max_new_tokens - 1:
             break
-        if (step + 1) % check_every == 0 and bool(done.all()):
-            break
-        logits = decoder.decode(tokens)  # [B, V]
+        if (step + 1) % check_every == 0:
+            still_running = (~done[decoder_rows]).nonzero().squeeze(1)  # [A'] decoder rows
+            if still_running.numel() == 0:
+                break
+            if still_running.numel() <= 0.75 * decoder_rows.numel():
+                decoder.keep_rows(still_running)
+                decoder_rows, tokens = decoder_rows[still_running], tokens[still_running]
+        logits = decoder.decode(tokens)  # [A, V]
 
     model.train(was_training)
     return Rollout(

@@ -31,6 +31,12 @@ def qwen_model(tokenizer):
 
 
 @pytest.fixture(scope="session")
+def untied_qwen_model(tokenizer):
+    """Greedy tests use untied heads: a random tied model's argmax just repeats its input token."""
+    return make_model(tokenizer, "qwen2", tie=False)
+
+
+@pytest.fixture(scope="session")
 def llama_model(tokenizer):
     return make_model(tokenizer, "llama", seed=1, tie=False)
 

@@ -58,7 +58,8 @@ def test_pad_equal_to_eos_uses_masks(qwen_model, tokenizer):
     assert _max_recompute_gap(qwen_model, rollout) < 1e-5
 
 
-def test_rows_stop_at_their_first_eos_and_batch_stops_early(qwen_model, tokenizer):
+def test_rows_stop_at_their_first_eos_and_batch_stops_early(untied_qwen_model, tokenizer):
+    qwen_model = untied_qwen_model
     free = _sample(qwen_model, tokenizer, 0.0, group_size=1, max_new_tokens=10, eos=[-1])
     eos_ids = sorted({int(free.completion_ids[row, 3]) for row in range(free.num_rows)})
     stopped = _sample(qwen_model, tokenizer, 0.0, group_size=1, max_new_tokens=10, eos=eos_ids)
@@ -74,7 +75,7 @@ def test_rows_stop_at_their_first_eos_and_batch_stops_early(qwen_model, tokenize
 
 def test_greedy_equals_transformers_generate(tokenizer):
     for architecture in ("qwen2", "llama"):
-        model = make_model(tokenizer, architecture)
+        model = make_model(tokenizer, architecture, tie=False)  # tied random heads just repeat the input
         ids, mask = left_padded_prompts(tokenizer, PROMPTS)
         rollout = _sample(model, tokenizer, 0.0, group_size=1, max_new_tokens=10)
         generated = model.generate(
@@ -138,3 +139,36 @@ def test_rollout_concatenate_and_select(qwen_model, tokenizer):
     assert both.group_ids.tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
     assert not both.completion_mask[:6, 5:].any()
     assert torch.equal(both.completion_ids[6:], second.completion_ids[2:4])
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_dropping_finished_rows_changes_no_row(untied_qwen_model, tokenizer, monkeypatch, fast):
+    # Rows end at different steps, so the sampler compacts the decoder batch mid-way.
+    # Greedy rows must equal the same prompt decoded alone; sampled rows must keep
+    # old_logprobs equal to the recompute.
+    import engine.rollout as rollout_module
+
+    qwen_model = untied_qwen_model
+    if not fast:
+        monkeypatch.setattr(rollout_module.KVDecoder, "supports", staticmethod(lambda model: False))
+    free = _sample(qwen_model, tokenizer, 0.0, group_size=1, max_new_tokens=12, eos=[-1])
+    def lengths_if_eos(token):  # where each row would stop if `token` were EOS
+        rows = free.completion_ids.tolist()
+        return [row.index(token) + 1 if token in row else 12 for row in rows]
+
+    candidates = sorted(set(free.completion_ids.flatten().tolist()))
+    eos = [next(t for t in candidates if len(set(lengths_if_eos(t))) > 1)]  # rows stop at different steps
+    together = _sample(qwen_model, tokenizer, 0.0, group_size=1, max_new_tokens=12, eos=eos)
+    assert together.completion_lengths.unique().numel() > 1
+    ids, mask = left_padded_prompts(tokenizer, PROMPTS)
+    for row, text in enumerate(PROMPTS):
+        alone_ids, alone_mask = left_padded_prompts(tokenizer, [text])
+        alone = sample(qwen_model, alone_ids, alone_mask, 1, SamplingConfig(max_new_tokens=12, temperature=0.0),
+                       eos, tokenizer.pad_token_id)
+        length = int(alone.completion_lengths[0])
+        assert int(together.completion_lengths[row]) == length
+        assert together.completion_ids[row, :length].tolist() == alone.completion_ids[0, :length].tolist()
+    sampled = _sample(qwen_model, tokenizer, 1.0, group_size=4, max_new_tokens=16,
+                      eos=[_frequent_token(qwen_model, tokenizer)])
+    assert sampled.completion_lengths.unique().numel() > 1
+    assert _max_recompute_gap(qwen_model, sampled) < 1e-5
