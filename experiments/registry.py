@@ -42,6 +42,7 @@ class ExperimentConfig:
     ppo_epochs: int = 1
     mini_batches: int = 1
     micro_batch_size: int = 32
+    gradient_checkpointing: bool = False  # recompute decoder activations in backward: less memory, ~30% more time
     # --- loss (verl names) -------------------------------------------------
     clip_ratio_low: float = 0.2
     clip_ratio_high: float = 0.2

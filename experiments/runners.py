@@ -30,7 +30,7 @@ from engine.trainer import Trainer, TrainerConfig
 from experiments.data.common import cache_dir
 from experiments.registry import ExperimentConfig
 from experiments.run import write_config
-from models.loader import ModelLoadError, load_model_and_tokenizer
+from models.loader import ModelLoadError, enable_activation_checkpointing, load_model_and_tokenizer
 from models.tiny import TinyModelConfig, build_tiny_model, train_tokenizer
 
 
@@ -116,6 +116,8 @@ def run_rl(config: ExperimentConfig, run_dir: Path, task, corpus: list[str], res
     seed_everything(config.seed)
     model, tokenizer = build_policy(config, corpus, initial_model)
     reference_model = copy.deepcopy(model) if config.kl_coef > 0 else None
+    if config.gradient_checkpointing:
+        enable_activation_checkpointing(model)
     strategy = build_strategy(config, tokenizer=tokenizer)
     try:
         learner = Learner(model, learner_config(config), strategy, reference_model=reference_model)

@@ -75,3 +75,9 @@ def load_model_and_tokenizer(
     check_tokenizer(tokenizer, path_or_id)
     tokenizer.padding_side = "left"
     return model.to(device), tokenizer
+
+
+def enable_activation_checkpointing(model: PreTrainedModel) -> None:
+    """Recompute each decoder block's activations in the backward pass (transformers 5 and 4 names)."""
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    enable()

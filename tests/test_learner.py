@@ -9,6 +9,7 @@ from algorithms.grpo import GRPO, GSPO
 from engine.learner import Learner, LearnerConfig, PolicyBatch, lr_multiplier
 from engine.rollout import SamplingConfig, sample
 from engine.sft import SFTConfig, supervised_finetune
+from models.loader import enable_activation_checkpointing
 from tests.conftest import left_padded_prompts, make_model
 
 pytestmark = pytest.mark.filterwarnings("ignore:Seems like `optimizer.step\\(\\)` has been overridden")
@@ -104,3 +105,17 @@ def test_sft_lowers_completion_loss(tokenizer):
     assert history[-1]["sft_loss"] < 0.5 * history[0]["sft_loss"]
     with pytest.raises(ValueError, match="demonstrations"):
         supervised_finetune(model, tokenizer, chats, answers[:2], SFTConfig(steps=1))
+
+
+def test_gradient_checkpointing_gives_the_same_gradient(tokenizer, qwen_model):
+    strategy = GRPO()
+    batch = _batch(qwen_model, tokenizer, strategy)
+    plain, _ = _gradients(tokenizer, batch, strategy, micro_batch_size=6)
+    model = make_model(tokenizer, "qwen2")
+    enable_activation_checkpointing(model)
+    learner = Learner(model, LearnerConfig(max_grad_norm=1e9, micro_batch_size=6), strategy)
+    captured = []
+    learner.optimizer.step = lambda: captured.append([p.grad.clone() for p in model.parameters()])
+    learner.update(batch)
+    for expected, got in zip(plain[0], captured[0]):
+        torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
