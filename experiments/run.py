@@ -142,8 +142,15 @@ def write_config(run_dir: Path, config: ExperimentConfig, extra: dict) -> None:
 # ---------------------------------------------------------------------------
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises `UsageError` (reported as one line, exit code 2) instead of printing usage."""
+
+    def error(self, message):
+        raise UsageError(message)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m experiments.run", description=__doc__.split("\n\n")[0])
+    parser = _Parser(prog="python -m experiments.run", description=__doc__.split("\n\n")[0])
     parser.add_argument("name", nargs="?", help="experiment name (see --list)")
     parser.add_argument("--list", action="store_true", help="list the experiments and exit")
     parser.add_argument("--out", help="run directory (default runs/NAME-TIMESTAMP)")
@@ -156,14 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit code 2
-        raise UsageError(message)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    parser.__class__ = _Parser
     try:
         args = parser.parse_args(argv)
         if args.list:

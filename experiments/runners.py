@@ -127,7 +127,6 @@ def run_rl(config: ExperimentConfig, run_dir: Path, task, corpus: list[str], res
         raise ExperimentError(str(error)) from error
     if resume:
         step = trainer.resume(run_dir)
-        trainer.learner.model.train()
         print(f"resuming {config.name} from step {step}")
     else:
         write_config(run_dir, config, {"initial_model": initial_model or config.model or "tiny (random init)",
