@@ -187,6 +187,23 @@ class EASERecommender(ItemScorer):
 
 
 # --------------------------------------------------------------------------- lists and teacher demonstrations
+#
+# SFT demonstrations without a blackbox LLM. ConvRec-R1's stage 1 (Remap-Reflect-Adjust,
+# rank_grpo.md §3) asks GPT-4o for a list, then (Remap) grounds it in the catalog by
+# embedding similarity, (Reflect) re-scores the top candidates with the teacher as a judge,
+# and (Adjust) corrects popularity bias with item-wise weights fit on the training ground
+# truth; the top N become "Title (Year)" lines. Here an EASE model fit on the training
+# interactions plays the teacher:
+#   * like Remap, its items are catalog items by construction (no hallucinated titles);
+#   * like Adjust, it is fit to the training interactions, so its popularity calibration
+#     comes from data rather than from a generalist LLM's priors;
+#   * seen items are removed, as ground truth never contains them.
+# What differs: there is no world knowledge and no reading of the request text (EASE
+# sees only the item ids of the history), no Reflect step, and the teacher is a
+# collaborative-filtering model that is itself one of the baselines, so SFT imitates a
+# model whose test score is known (EASE row of the README). The demonstrations are the
+# teacher's top N for each training request, one "Title (Year)" per line, no numbering,
+# no trailing newline, EOS right after the last item.
 
 
 def items_from_scores(
