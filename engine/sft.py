@@ -20,7 +20,7 @@ import torch
 
 from engine.learner import lr_multiplier
 from engine.logprobs import completion_logprobs
-from engine.trainer import encode_prompts
+from engine.trainer import encode_prompts, pad_token_lists
 
 
 @dataclass
@@ -39,12 +39,7 @@ class SFTConfig:
 def encode_completions(tokenizer, texts: list[str], max_length: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-padded completion ids [B, T] and mask [B, T] bool, each ending with EOS (unless cut)."""
     encoded = [tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for text in texts]
-    encoded = [ids[:max_length] for ids in encoded]
-    length = max(len(ids) for ids in encoded)
-    pad = tokenizer.pad_token_id
-    ids = torch.tensor([e + [pad] * (length - len(e)) for e in encoded], dtype=torch.long, device=device)
-    mask = torch.tensor([[1] * len(e) + [0] * (length - len(e)) for e in encoded], dtype=torch.bool, device=device)
-    return ids, mask
+    return pad_token_lists([ids[:max_length] for ids in encoded], tokenizer.pad_token_id, "right", device)
 
 
 def supervised_finetune(model, tokenizer, chats: list[list[dict]], completions: list[str], config: SFTConfig,

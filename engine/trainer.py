@@ -96,11 +96,23 @@ def encode_prompts(tokenizer, chats: list[list[dict]], max_length: int, device) 
     encoded = [tokenizer(text, add_special_tokens=False)["input_ids"][-max_length:] for text in texts]
     if any(len(ids) == 0 for ids in encoded):
         raise ValueError("a prompt encoded to zero tokens; check the task's messages")
-    length = max(len(ids) for ids in encoded)
-    pad = tokenizer.pad_token_id
-    ids = torch.tensor([[pad] * (length - len(e)) + e for e in encoded], dtype=torch.long, device=device)
-    mask = torch.tensor([[0] * (length - len(e)) + [1] * len(e) for e in encoded], dtype=torch.bool, device=device)
-    return ids, mask
+    return pad_token_lists(encoded, tokenizer.pad_token_id, "left", device)
+
+
+def pad_token_lists(sequences: list[list[int]], pad_id: int, side: str, device) -> tuple[Tensor, Tensor]:
+    """Pad token-id lists to one length on the `side` ("left" | "right"): ids [N, L], mask [N, L] bool."""
+    length = max(len(sequence) for sequence in sequences)
+    ids, mask = [], []
+    for sequence in sequences:
+        padding = length - len(sequence)
+        if side == "left":
+            ids.append([pad_id] * padding + sequence)
+            mask.append([False] * padding + [True] * len(sequence))
+        else:
+            ids.append(sequence + [pad_id] * padding)
+            mask.append([True] * len(sequence) + [False] * padding)
+    return (torch.tensor(ids, dtype=torch.long, device=device),
+            torch.tensor(mask, dtype=torch.bool, device=device))
 
 
 def eos_token_ids(tokenizer, model) -> list[int]:

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from engine.logprobs import completion_logprobs
-from engine.rollout import Rollout, SamplingConfig, TransformersDecoder, filter_logits, sample
+from engine.rollout import Rollout, SamplingConfig, filter_logits, sample
 from tests.conftest import left_padded_prompts, make_model
 
 PROMPTS = ["Sort these digits: 3 1 2", "Recommend movies like Heat (1995)", "Fargo"]
