@@ -129,7 +129,7 @@ EXPERIMENTS: dict[str, Experiment] = {
 REC_DEFAULTS = dict(
     task="recommendation", list_length=10, max_new_tokens=128, max_prompt_length=256, temperature=1.0,
     vocab_size=4096, hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=2, intermediate_size=688,
-    sft_steps=400, sft_lr=1e-3, sft_batch_size=32, lr=5e-5, max_steps=150, prompts_per_step=4, group_size=8,
+    sft_steps=400, sft_lr=1e-3, sft_batch_size=32, lr=2e-5, max_steps=150, prompts_per_step=8, group_size=8,
     micro_batch_size=16, save_every=50, eval_every=50, clip_ratio_low=0.06, clip_ratio_high=0.08,
     kl_coef=1e-3, kl_loss_type="k3", loss_agg_mode="token_mean", eval_size=0,
 )
