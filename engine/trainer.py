@@ -194,19 +194,22 @@ class Trainer:
         )
 
     # ------------------------------------------------------------------
-    def _rollout_and_score(self, num_prompts: int) -> tuple[Rollout, Tensor, list[int], list[str]]:
+    def _rollout_and_score(self, num_prompts: int) -> tuple[Rollout, Tensor, list[str], float, float]:
+        """Sample the next prompts and score them: (rollout, rewards, texts, rollout seconds, reward seconds)."""
+        start = time.perf_counter()
         indices = self.cursor.take(num_prompts)
         chats = [self.task.train_messages(i) for i in indices]
         prompt_ids, prompt_mask = encode_prompts(self.tokenizer, chats, self.config.max_prompt_length, self.device)
         rollout = sample(self.model, prompt_ids, prompt_mask, self.config.group_size, self.config.sampling,
                          self.eos_ids, self.tokenizer.pad_token_id, self.generator)
         texts = decode_completions(self.tokenizer, rollout)
+        rollout_seconds = time.perf_counter() - start
+        start = time.perf_counter()
         row_prompts = [indices[int(g)] for g in rollout.group_ids]
-        rewards = self.task.rewards(row_prompts, texts)
-        rewards = torch.as_tensor(rewards, dtype=torch.float32, device=self.device)
+        rewards = torch.as_tensor(self.task.rewards(row_prompts, texts), dtype=torch.float32, device=self.device)
         if rewards.shape[0] != rollout.num_rows:
             raise ValueError(f"the task returned {rewards.shape[0]} rewards for {rollout.num_rows} completions")
-        return rollout, rewards, row_prompts, texts
+        return rollout, rewards, texts, rollout_seconds, time.perf_counter() - start
 
     def train_step(self) -> dict:
         config = self.config
@@ -218,9 +221,9 @@ class Trainer:
         non_finite = filtered = False
         for _ in range(max(config.max_generation_rounds, 1)):
             needed = config.prompts_per_step - groups_kept
-            start = time.perf_counter()
-            rollout, rewards, _, texts = self._rollout_and_score(needed)
-            time_rollout += time.perf_counter() - start
+            rollout, rewards, texts, rollout_seconds, reward_seconds = self._rollout_and_score(needed)
+            time_rollout += rollout_seconds
+            time_reward += reward_seconds
             start = time.perf_counter()
             if not bool(torch.isfinite(rewards).all()):
                 non_finite = True
@@ -252,7 +255,7 @@ class Trainer:
         if non_finite:
             # Never train on a broken reward: the step is skipped and the weights stay untouched.
             metrics.update(skipped="non-finite reward (NaN or inf) returned by the task", reward_mean=None,
-                           time_rollout_s=time_rollout, time_reward_s=0.0, time_learn_s=0.0)
+                           time_rollout_s=time_rollout, time_reward_s=time_reward, time_learn_s=0.0)
             return metrics
         metrics["reward_mean"] = raw_reward_sum / max(raw_reward_count, 1.0)
         if filtered:
