@@ -54,7 +54,7 @@ class LearnerConfig:
     clip_ratio_high: float = 0.28
     clip_ratio_c: float | None = None
     loss_agg_mode: str = "token_mean"
-    loss_max_length: int | None = None  # Dr. GRPO's L_max for seq_mean_token_sum_norm
+    loss_max_length: int | None = None  # Dr. GRPO's constant L_max; None = this batch's width (set it to max_new_tokens)
     kl_loss_type: str = "k3"
     kl_coef: float = 0.0
     lr_schedule: str = "constant"

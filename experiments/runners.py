@@ -81,7 +81,8 @@ def learner_config(config: ExperimentConfig) -> LearnerConfig:
         max_grad_norm=config.max_grad_norm, ppo_epochs=config.ppo_epochs, mini_batches=config.mini_batches,
         micro_batch_size=config.micro_batch_size, clip_ratio_low=config.clip_ratio_low,
         clip_ratio_high=config.clip_ratio_high, clip_ratio_c=config.clip_ratio_c, loss_agg_mode=config.loss_agg_mode,
-        loss_max_length=config.loss_max_length, kl_loss_type=config.kl_loss_type, kl_coef=config.kl_coef,
+        loss_max_length=config.loss_max_length or config.max_new_tokens,  # Dr. GRPO's constant L_max
+        kl_loss_type=config.kl_loss_type, kl_coef=config.kl_coef,
         lr_schedule=config.lr_schedule, warmup_steps=config.warmup_steps,
         total_steps=config.max_steps * config.ppo_epochs * config.mini_batches,
     )
