@@ -11,8 +11,9 @@ Algorithm (one call of `sample`):
    optionally restricted to the top-k tokens and to the top-p nucleus, with a
    `torch.Generator` so runs are reproducible. Temperature 0 means greedy.
 4. A row stops at its first EOS (the EOS is kept: it is an action the policy took);
-   later positions are padding with `completion_mask = 0`. The batch stops when every
-   row is done or after `max_new_tokens`.
+   later positions are padding with `completion_mask = 0`. Finished rows are dropped
+   from the decoder batch once a quarter of it has finished, so they stop costing
+   compute. The batch stops when every row is done or after `max_new_tokens`.
 5. `old_logprobs[b, t] = log softmax(logits / temperature)[token]` over the full
    vocabulary (not the top-k / top-p renormalised distribution), which is exactly
    what `engine.logprobs.completion_logprobs` recomputes. At temperature 0 the
