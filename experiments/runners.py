@@ -219,7 +219,8 @@ def run_sft_only(config: ExperimentConfig, run_dir: Path, task, corpus: list[str
     write_config(run_dir, config, {"data_source": data_source, "sft_checkpoint": str(folder)})
     model, tokenizer = load_model_and_tokenizer(str(folder), device=config.device)
     results = task.evaluate(lambda chats: greedy_generate(model, tokenizer, chats, config.max_new_tokens,
-                                                          config.max_prompt_length, batch_size=32))
+                                                          config.max_prompt_length,
+                                                          batch_size=trainer_config(config).eval_batch_size))
     write_eval(run_dir, "sft", results)
     return results
 
