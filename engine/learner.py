@@ -22,6 +22,11 @@ accumulated gradient equals the one-big-batch gradient.
 
 Non-finite guard: if the loss or the gradient norm is NaN/inf, the optimizer step is
 skipped (weights untouched) and counted in the metrics.
+
+Reference model. Its log-probs are computed under `torch.inference_mode` (no autograd
+bookkeeping at all). With `reference_offload` it lives in CPU memory and visits the
+policy's device only for that forward, which frees a full copy of the weights on the
+GPU for the price of two host-device copies per update.
 """
 
 from __future__ import annotations
@@ -62,6 +67,7 @@ class LearnerConfig:
     total_steps: int = 1  # optimizer steps the schedule spans
     logits_chunk_size: int = 128
     bf16_autocast: bool = True  # on CUDA only; master weights and loss math stay fp32
+    reference_offload: bool = False  # keep the reference model in CPU memory; on the device only for its forward
 
     def __post_init__(self) -> None:
         if self.lr_schedule not in LR_SCHEDULES:
@@ -109,6 +115,8 @@ class Learner:
         self.reference_model = reference_model
         if reference_model is not None:
             reference_model.eval().requires_grad_(False)
+            if config.reference_offload:
+                reference_model.to("cpu")
         self.optimizer = torch.optim.AdamW(
             [p for p in model.parameters() if p.requires_grad],
             lr=config.lr,
@@ -149,14 +157,24 @@ class Learner:
             )
         return scores, completion_length
 
-    @torch.no_grad()
     def _logprobs_no_grad(self, model, rollout: Rollout) -> Tensor:
         """Log-probs of every row under `model`, [B, T] (micro-batched, no autograd graph)."""
-        logprobs = torch.zeros_like(rollout.old_logprobs)
-        for rows in self._micro_batches(torch.arange(rollout.num_rows, device=logprobs.device)):
-            scores, length = self._score(model, rollout, rows)
-            logprobs[rows, :length] = scores.logprobs
-        return logprobs
+        with torch.inference_mode():
+            logprobs = torch.zeros_like(rollout.old_logprobs)
+            for rows in self._micro_batches(torch.arange(rollout.num_rows, device=logprobs.device)):
+                scores, length = self._score(model, rollout, rows)
+                logprobs[rows, :length] = scores.logprobs
+        return logprobs.clone()  # a normal tensor again: the loss uses it under autograd
+
+    def _reference_logprobs(self, rollout: Rollout) -> Tensor:
+        """Log-probs of every row under the frozen reference model, [B, T]."""
+        if not self.config.reference_offload:
+            return self._logprobs_no_grad(self.reference_model, rollout)
+        self.reference_model.to(rollout.completion_ids.device)
+        try:
+            return self._logprobs_no_grad(self.reference_model, rollout)
+        finally:
+            self.reference_model.to("cpu")
 
     # ------------------------------------------------------------------
     def update(self, batch: PolicyBatch) -> dict[str, float]:
@@ -164,7 +182,7 @@ class Learner:
         rollout = batch.rollout
         mask = rollout.completion_mask.bool()  # [B, T]
         device = mask.device
-        ref_logprobs = self._logprobs_no_grad(self.reference_model, rollout) if config.kl_coef > 0 else None
+        ref_logprobs = self._reference_logprobs(rollout) if config.kl_coef > 0 else None
         on_policy = config.ppo_epochs == 1 and config.mini_batches == 1
         old_logprobs = None if on_policy else self._logprobs_no_grad(self.model, rollout)
         max_length = config.loss_max_length or rollout.completion_ids.shape[1]

@@ -12,8 +12,9 @@ Algorithm (one call of `sample`):
    `torch.Generator` so runs are reproducible. Temperature 0 means greedy.
 4. A row stops at its first EOS (the EOS is kept: it is an action the policy took);
    later positions are padding with `completion_mask = 0`. Finished rows are dropped
-   from the decoder batch once a quarter of it has finished, so they stop costing
-   compute. The batch stops when every row is done or after `max_new_tokens`.
+   from the decoder batch (once a quarter of it has finished on a CPU, three quarters
+   on a GPU), so they stop costing compute. The batch stops when every row is done or
+   after `max_new_tokens`.
 5. `old_logprobs[b, t] = log softmax(logits / temperature)[token]` over the full
    vocabulary (not the top-k / top-p renormalised distribution), which is exactly
    what `engine.logprobs.completion_logprobs` recomputes. At temperature 0 the
@@ -22,8 +23,10 @@ Algorithm (one call of `sample`):
 Masks, not token ids, decide what counts: the pad id may equal the EOS id.
 
 The forward pass used for decoding is `engine.decoder.KVDecoder` (fused weights,
-preallocated cache) for the Llama/Qwen2 family, and the transformers forward with a
-`DynamicCache` for any other architecture.
+preallocated cache, CUDA-graph decode step on GPUs) for the Llama/Qwen2 family, and
+the transformers forward with a `DynamicCache` for any other architecture. The loop
+below never waits for the device except every `check_every` steps, when it looks
+for finished rows.
 """
 
 from __future__ import annotations
@@ -37,14 +40,24 @@ from torch import Tensor
 from engine.decoder import KVDecoder, sample_categorical
 
 
+DECODE_DTYPES = {"model": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
 @dataclass
 class SamplingConfig:
     max_new_tokens: int = 64
     temperature: float = 1.0  # 0 = greedy
     top_p: float = 1.0  # 1.0 = no nucleus filtering
     top_k: int = 0  # 0 = no top-k filtering
+    # precision of the decoder's weight snapshot and KV cache: "model" (the policy's
+    # own dtype) or a dtype name; "bfloat16" over fp32 master weights is the usual
+    # choice on GPUs (the learner recomputes the log-probs it trains on anyway).
+    dtype: str = "model"
+    cuda_graphs: bool = True  # replay the decode step as a CUDA graph (fast decoder on CUDA only)
 
     def __post_init__(self) -> None:
+        if self.dtype not in DECODE_DTYPES:
+            raise ValueError(f"unknown sampling dtype {self.dtype!r}; choose one of {sorted(DECODE_DTYPES)}")
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.temperature < 0:
@@ -168,10 +181,19 @@ class TransformersDecoder:
         self.positions = self.positions[row_indices]
 
 
-def make_decoder(model, max_batch_size: int, max_total_length: int):
-    """The fastest decoder that supports `model`."""
+def make_decoder(model, max_batch_size: int, max_total_length: int, dtype: torch.dtype | None = None,
+                 cuda_graphs: bool = True):
+    """The fastest decoder that supports `model`; `dtype` None = the model's own precision."""
     if KVDecoder.supports(model):
-        return KVDecoder(model, max_batch_size=max_batch_size, max_total_length=max_total_length)
+        return KVDecoder(model, max_batch_size=max_batch_size, max_total_length=max_total_length, dtype=dtype,
+                         cuda_graphs=None if cuda_graphs else False)
+    model_dtype = next(model.parameters()).dtype
+    if dtype is not None and dtype != model_dtype:
+        raise ValueError(
+            f"sampling dtype {dtype} differs from the model's {model_dtype}, and only the fast decoder "
+            f"(Llama / Qwen2 family) can sample in another precision than the model's; "
+            f"{type(model).__name__} uses the transformers forward: set the sampling dtype to 'model'"
+        )
     return TransformersDecoder(model, max_batch_size=max_batch_size, max_total_length=max_total_length)
 
 
@@ -232,7 +254,8 @@ def sample(
 
     was_training = model.training
     model.eval()
-    decoder = make_decoder(model, batch_size, prompt_length + max_new_tokens)
+    decoder = make_decoder(model, batch_size, prompt_length + max_new_tokens, DECODE_DTYPES[config.dtype],
+                           config.cuda_graphs)
     logits = decoder.prefill(prompt_ids, prompt_mask, group_size)  # [B, V]
 
     completion_ids = torch.full((batch_size, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
@@ -240,11 +263,14 @@ def sample(
     old_logprobs = torch.zeros((batch_size, max_new_tokens), dtype=torch.float32, device=device)
     done = torch.zeros(batch_size, dtype=torch.bool, device=device)  # [B]
     # The decoder holds only the rows still generating: `decoder_rows[a]` is the batch
-    # row of decoder row a. Once a quarter of them have finished they are dropped
-    # (`keep_rows`), so finished rows stop costing compute. Checking for finished rows
-    # needs a device->host sync; on GPUs it happens every few steps.
+    # row of decoder row a. Finished rows are dropped (`keep_rows`) so they stop costing
+    # compute: on a CPU, where a step costs in proportion to its rows, once a quarter of
+    # them are done; on a GPU, where a step costs about the same whatever the rows (it
+    # reads every weight once) and a new row count means capturing new CUDA graphs, once
+    # three quarters are done. Checking for finished rows needs a device->host sync; on
+    # GPUs it happens every few steps.
     decoder_rows = torch.arange(batch_size, device=device)  # [A]
-    check_every = 1 if device.type == "cpu" else 8
+    check_every, compact_below = (1, 0.75) if device.type == "cpu" else (8, 0.25)
 
     steps_taken = 0
     for step in range(max_new_tokens):
@@ -257,7 +283,7 @@ def sample(
                 probs = filter_logits(scaled, config.top_k, config.top_p).softmax(dim=-1)
             else:
                 probs = logprobs_all.exp()  # [A, V]; the full softmax, already computed
-            tokens = sample_categorical(probs, generator=generator)  # [A]; inverse CDF, ~20x cheaper than multinomial on CPU
+            tokens = sample_categorical(probs, generator=generator)  # [A]; exact, cheaper than multinomial
         alive = ~done[decoder_rows]  # [A] rows that had not finished before this step
         tokens = torch.where(alive, tokens, torch.full_like(tokens, pad_token_id))
         completion_ids[decoder_rows, step] = tokens
@@ -271,7 +297,7 @@ def sample(
             still_running = (~done[decoder_rows]).nonzero().squeeze(1)  # [A'] decoder rows
             if still_running.numel() == 0:
                 break
-            if still_running.numel() <= 0.75 * decoder_rows.numel():
+            if still_running.numel() <= compact_below * decoder_rows.numel():
                 decoder.keep_rows(still_running)
                 decoder_rows, tokens = decoder_rows[still_running], tokens[still_running]
         logits = decoder.decode(tokens)  # [A, V]

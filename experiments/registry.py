@@ -31,6 +31,7 @@ class ExperimentConfig:
     top_p: float = 1.0
     top_k: int = 0
     max_prompt_length: int = 512
+    rollout_dtype: str = "auto"  # decoder precision: auto (bfloat16 on CUDA, else the model's) | model | bfloat16 | float16 | float32
     # --- optimisation ------------------------------------------------------
     lr: float = 1e-3
     weight_decay: float = 0.0
@@ -43,6 +44,7 @@ class ExperimentConfig:
     mini_batches: int = 1
     micro_batch_size: int = 32
     gradient_checkpointing: bool = False  # recompute decoder activations in backward: less memory, ~30% more time
+    reference_offload: bool = False  # keep the KL reference model in CPU memory between updates
     # --- loss (verl names) -------------------------------------------------
     clip_ratio_low: float = 0.2
     clip_ratio_high: float = 0.2

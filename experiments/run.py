@@ -183,6 +183,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
 
+    from experiments import runners  # imported late: --list and usage errors stay fast
+
+    try:
+        runners.check_config(config)
+    except runners.ExperimentError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     if args.resume:
         run_dir = Path(args.resume)
     else:
@@ -191,8 +198,6 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: --out {run_dir} is not empty; choose a new directory or --resume it", file=sys.stderr)
             return 2
     run_dir.mkdir(parents=True, exist_ok=True)
-
-    from experiments import runners  # imported late: --list and errors stay fast
 
     try:
         runners.run_experiment(config, run_dir, data_dir=args.data_dir, resume=bool(args.resume))

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from algorithms.base import make_strategy, strategy_class
 from engine.learner import Learner, LearnerConfig
-from engine.rollout import SamplingConfig
+from engine.rollout import DECODE_DTYPES, SamplingConfig
 from engine.sft import SFTConfig, supervised_finetune
 from engine.trainer import Trainer, TrainerConfig
 from experiments.data.common import cache_dir
@@ -82,10 +82,20 @@ def learner_config(config: ExperimentConfig) -> LearnerConfig:
         micro_batch_size=config.micro_batch_size, clip_ratio_low=config.clip_ratio_low,
         clip_ratio_high=config.clip_ratio_high, clip_ratio_c=config.clip_ratio_c, loss_agg_mode=config.loss_agg_mode,
         loss_max_length=config.loss_max_length or config.max_new_tokens,  # Dr. GRPO's constant L_max
-        kl_loss_type=config.kl_loss_type, kl_coef=config.kl_coef,
+        kl_loss_type=config.kl_loss_type, kl_coef=config.kl_coef, reference_offload=config.reference_offload,
         lr_schedule=config.lr_schedule, warmup_steps=config.warmup_steps,
         total_steps=config.max_steps * config.ppo_epochs * config.mini_batches,
     )
+
+
+def rollout_dtype(config: ExperimentConfig) -> str:
+    """The sampler's decoder precision: "auto" is bf16 on GPUs (the learner trains under bf16
+    autocast there) and the model's own precision elsewhere."""
+    if config.rollout_dtype == "auto":
+        return "bfloat16" if config.device.startswith("cuda") else "model"
+    if config.rollout_dtype not in DECODE_DTYPES:
+        raise ValueError(f"unknown rollout_dtype {config.rollout_dtype!r}; choose auto or one of {sorted(DECODE_DTYPES)}")
+    return config.rollout_dtype
 
 
 def trainer_config(config: ExperimentConfig) -> TrainerConfig:
@@ -93,7 +103,7 @@ def trainer_config(config: ExperimentConfig) -> TrainerConfig:
         seed=config.seed, max_steps=config.max_steps, prompts_per_step=config.prompts_per_step,
         group_size=config.group_size,
         sampling=SamplingConfig(max_new_tokens=config.max_new_tokens, temperature=config.temperature,
-                                top_p=config.top_p, top_k=config.top_k),
+                                top_p=config.top_p, top_k=config.top_k, dtype=rollout_dtype(config)),
         max_prompt_length=config.max_prompt_length, save_every=config.save_every, eval_every=config.eval_every,
         max_generation_rounds=config.max_generation_rounds,
     )
@@ -225,7 +235,16 @@ def run_sft_only(config: ExperimentConfig, run_dir: Path, task, corpus: list[str
     return results
 
 
+def check_config(config: ExperimentConfig) -> None:
+    """Reject malformed sampling / optimisation settings before any data or model work."""
+    try:
+        trainer_config(config), learner_config(config)
+    except ValueError as error:
+        raise ExperimentError(str(error)) from error
+
+
 def run_experiment(config: ExperimentConfig, run_dir: Path, data_dir: str | None, resume: bool) -> None:
+    check_config(config)
     if config.kind == "baselines":
         from experiments.baselines import run_baselines
         from experiments.data import DataError

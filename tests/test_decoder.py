@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from engine.decoder import KVDecoder, sample_categorical
+from engine.decoder import KVDecoder, sample_exponential_race, sample_inverse_cdf
 
 TOL = 1e-5
 SMALL = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -65,16 +65,23 @@ def _hf_logits(model, ids, mask):
     return model(input_ids=ids, attention_mask=mask, position_ids=pos).logits.float()
 
 
-@pytest.mark.parametrize("pack", [None, False], ids=["default", "unpacked"])
+# "static" is the graph-shaped step (bucketed generated keys, masked, slot index on
+# the device) run eagerly; a bucket of 4 makes the 6 steps cross a bucket boundary
+# and the last bucket is cut at the cache's end (S + steps + 2 - S = 8).
+DECODE_MODES = {"default": {}, "unpacked": dict(pack_weights=False),
+                "static": dict(static_decode=True, graph_bucket=4)}
+
+
+@pytest.mark.parametrize("mode", list(DECODE_MODES))
 @pytest.mark.parametrize("name", list(MODELS))
-def test_prefill_and_decode_match_hf(name, pack):
+def test_prefill_and_decode_match_hf(name, mode):
     model = _randomize(MODELS[name]())
     assert KVDecoder.supports(model)
     V = model.config.vocab_size
     lengths, S, R, steps = [7, 3, 10], 10, 2, 6
     ids, mask = _prompts(lengths, S, V)
     P = len(lengths)
-    dec = KVDecoder(model, max_batch_size=P * R, max_total_length=S + steps + 2, pack_weights=pack)
+    dec = KVDecoder(model, max_batch_size=P * R, max_total_length=S + steps + 2, **DECODE_MODES[mode])
 
     logits = dec.prefill(ids, mask, repeats=R)
     assert logits.shape == (P * R, V) and logits.dtype == torch.float32
@@ -108,12 +115,13 @@ def test_repeats_identical_within_group_and_same_tokens_stay_identical():
     assert torch.equal(out, out[:, :1].expand_as(out))
 
 
-def test_keep_rows_matches_hf():
+@pytest.mark.parametrize("static", [False, True], ids=["eager", "static"])
+def test_keep_rows_matches_hf(static):
     model = _randomize(_llama())
     V = model.config.vocab_size
     ids, mask = _prompts([4, 8, 6], 8, V, seed=5)
     R = 2
-    dec = KVDecoder(model, max_batch_size=6, max_total_length=14)
+    dec = KVDecoder(model, max_batch_size=6, max_total_length=14, static_decode=static, graph_bucket=3)
     dec.prefill(ids, mask, repeats=R)
     full_ids, full_mask = ids.repeat_interleave(R, 0), mask.repeat_interleave(R, 0)
     g = torch.Generator().manual_seed(9)
@@ -172,7 +180,45 @@ def test_bf16_close_to_hf():
     assert (out - ref).abs().max() < 0.1 * ref.abs().max()
 
 
-def test_sample_categorical_distribution():
+def test_decoder_dtype_casts_the_snapshot():
+    """A bf16 decoder over fp32 weights computes exactly what a decoder over the bf16 model does."""
+    model = _randomize(_qwen2(False))
+    ids, mask = _prompts([6, 3], 6, model.config.vocab_size, seed=4)
+    cast = KVDecoder(model, 4, 10, dtype=torch.bfloat16)
+    assert cast.dtype == torch.bfloat16 and cast.gk.dtype == torch.bfloat16
+    model_bf16 = _randomize(_qwen2(False)).to(torch.bfloat16)
+    # .to(bfloat16) also rounds the rotary module's inv_freq buffer; the cast decoder
+    # keeps the fp32 model's (more exact) RoPE table, so give both the same one
+    model_bf16.model.rotary_emb.inv_freq = model.model.rotary_emb.inv_freq.clone()
+    native = KVDecoder(model_bf16, 4, 10)
+    torch.testing.assert_close(cast.prefill(ids, mask, 2), native.prefill(ids, mask, 2), atol=0, rtol=0)
+    tokens = torch.tensor([5, 6, 7, 8])
+    torch.testing.assert_close(cast.decode(tokens), native.decode(tokens), atol=0, rtol=0)
+    assert next(model.parameters()).dtype == torch.float32  # the model itself is untouched
+    with pytest.raises(ValueError, match="floating-point"):
+        KVDecoder(model, 4, 10, dtype=torch.long)
+    with pytest.raises(ValueError, match="CUDA"):
+        KVDecoder(model, 4, 10, cuda_graphs=True)
+
+
+def test_decode_errors_name_the_problem():
+    model = _randomize(_qwen2(True))
+    ids, mask = _prompts([3, 2], 3, model.config.vocab_size)
+    dec = KVDecoder(model, 2, 5, static_decode=True)
+    dec.prefill(ids, mask, 1)
+    with pytest.raises(ValueError, match="1 rows, 2 are active"):
+        dec.decode(torch.tensor([4]))
+    dec.decode(torch.tensor([4, 5]))
+    dec.decode(torch.tensor([4, 5]))
+    with pytest.raises(ValueError, match="KV cache full"):
+        dec.decode(torch.tensor([4, 5]))
+
+
+@pytest.mark.parametrize("sampler", [sample_inverse_cdf, sample_exponential_race])
+def test_sample_categorical_distribution(sampler):
+    """Both exact samplers (inverse CDF on CPU, exponential race on CUDA) match the target
+    frequencies within 0.012 (about 5 standard errors at n = 40,000) and never draw a
+    zero-probability entry."""
     g = torch.Generator().manual_seed(0)
     probs = torch.softmax(torch.randn(3, 12, generator=g), -1)
     probs[:, 0] = 0.0          # zero-probability entries (first, middle, last) are never drawn
@@ -180,7 +226,7 @@ def test_sample_categorical_distribution():
     probs[:, -1] = 0.0
     probs[2] *= 7.0            # unnormalised rows are fine
     n = 40000
-    draws = sample_categorical(probs.repeat(n, 1), generator=g).view(n, 3)
+    draws = sampler(probs.repeat(n, 1), generator=g).view(n, 3)
     target = probs / probs.sum(-1, keepdim=True)
     for r in range(3):
         freq = torch.bincount(draws[:, r], minlength=12).float() / n

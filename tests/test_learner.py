@@ -76,6 +76,24 @@ def test_kl_needs_reference_and_is_zero_against_itself(tokenizer, qwen_model):
     assert learner.update(batch)["kl"] == pytest.approx(0.0, abs=1e-7)
 
 
+def test_reference_offload_gives_the_same_update(tokenizer, qwen_model):
+    """With reference_offload the reference stays in CPU memory; the KL and the update are unchanged."""
+    strategy = GRPO()
+    batch = _batch(qwen_model, tokenizer, strategy)
+    results = []
+    for offload in (False, True):
+        model = make_model(tokenizer)
+        reference = make_model(tokenizer, seed=1)  # a different model: the KL is not zero
+        learner = Learner(model, LearnerConfig(kl_coef=0.1, lr=1e-2, reference_offload=offload), strategy,
+                          reference_model=reference)
+        metrics = learner.update(batch)
+        assert all(p.device.type == "cpu" for p in reference.parameters())
+        results.append((metrics["kl"], [p.detach().clone() for p in model.parameters()]))
+    assert results[0][0] > 1e-3
+    assert results[0][0] == results[1][0]
+    assert all(torch.equal(a, b) for a, b in zip(results[0][1], results[1][1]))
+
+
 def test_non_finite_gradient_skips_the_step(tokenizer, qwen_model):
     strategy = GRPO()
     batch = _batch(qwen_model, tokenizer, strategy)

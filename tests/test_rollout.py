@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from engine.decoder import KVDecoder
 from engine.logprobs import completion_logprobs
 from engine.rollout import Rollout, SamplingConfig, filter_logits, sample
 from tests.conftest import left_padded_prompts, make_model
@@ -141,16 +142,25 @@ def test_rollout_concatenate_and_select(qwen_model, tokenizer):
     assert torch.equal(both.completion_ids[6:], second.completion_ids[2:4])
 
 
-@pytest.mark.parametrize("fast", [True, False])
-def test_dropping_finished_rows_changes_no_row(untied_qwen_model, tokenizer, monkeypatch, fast):
+class StaticKVDecoder(KVDecoder):
+    """The graph-shaped decode step (what CUDA graphs capture), run eagerly on the CPU."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs, static_decode=True, graph_bucket=5)
+
+
+@pytest.mark.parametrize("decoder", ["fast", "static", "fallback"])
+def test_dropping_finished_rows_changes_no_row(untied_qwen_model, tokenizer, monkeypatch, decoder):
     # Rows end at different steps, so the sampler compacts the decoder batch mid-way.
     # Greedy rows must equal the same prompt decoded alone; sampled rows must keep
     # old_logprobs equal to the recompute.
     import engine.rollout as rollout_module
 
     qwen_model = untied_qwen_model
-    if not fast:
+    if decoder == "fallback":
         monkeypatch.setattr(rollout_module.KVDecoder, "supports", staticmethod(lambda model: False))
+    if decoder == "static":
+        monkeypatch.setattr(rollout_module, "KVDecoder", StaticKVDecoder)
     free = _sample(qwen_model, tokenizer, 0.0, group_size=1, max_new_tokens=12, eos=[-1])
     def lengths_if_eos(token):  # where each row would stop if `token` were EOS
         rows = free.completion_ids.tolist()
@@ -172,3 +182,22 @@ def test_dropping_finished_rows_changes_no_row(untied_qwen_model, tokenizer, mon
                       eos=[_frequent_token(qwen_model, tokenizer)])
     assert sampled.completion_lengths.unique().numel() > 1
     assert _max_recompute_gap(qwen_model, sampled) < 1e-5
+
+
+def test_bf16_sampling_over_fp32_weights(qwen_model, tokenizer, monkeypatch):
+    """SamplingConfig.dtype casts the decoder only: the model stays fp32, and the
+    sampled log-probs stay within bf16 rounding of the fp32 recompute."""
+    rollout = _sample(qwen_model, tokenizer, 1.0, dtype="bfloat16")
+    assert next(qwen_model.parameters()).dtype == torch.float32
+    assert rollout.old_logprobs.dtype == torch.float32
+    assert rollout.completion_mask.any()
+    assert _max_recompute_gap(qwen_model, rollout) < 0.03  # bf16 weights and cache vs fp32 (measured 0.005)
+
+    with pytest.raises(ValueError, match="unknown sampling dtype"):
+        SamplingConfig(dtype="fp8")
+    import engine.rollout as rollout_module
+
+    monkeypatch.setattr(rollout_module.KVDecoder, "supports", staticmethod(lambda model: False))
+    with pytest.raises(ValueError, match="set the sampling dtype to 'model'"):
+        _sample(qwen_model, tokenizer, 1.0, dtype="bfloat16")
+    assert _sample(qwen_model, tokenizer, 1.0, dtype="float32").completion_mask.any()  # same as the model's

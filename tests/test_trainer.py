@@ -83,10 +83,14 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, monkeypatch):
         (["grpo_sort", "--resume", "/no/such/run"], "no such run directory"),
         ([], "name an experiment"),
         (["grpo_sort", "--bogus"], "unrecognized arguments"),
+        (["grpo_sort", "--set", "rollout_dtype=fp8"], "unknown rollout_dtype 'fp8'; choose auto or one of"),
+        (["grpo_sort", "--set", "temperature=-1"], "temperature must be >= 0"),
     ],
 )
-def test_cli_errors_exit_2_with_one_line(argv, message, capsys):
+def test_cli_errors_exit_2_with_one_line(argv, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a bad config must fail before any run directory is made
     assert run.main(argv) == 2
+    assert not (tmp_path / "runs").exists()
     error = capsys.readouterr().err
     assert message in error and error.count("\n") == 1
 
