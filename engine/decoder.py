@@ -38,8 +38,11 @@ weights are prepacked for oneDNN (``torch.ops.mkldnn._linear_pointwise``;
 once per prompt, not per sample: single-query attention is one GEMM of the
 ``repeats x heads_per_kv`` queries of a (prompt, kv head) against the shared
 prompt keys plus a batched GEMM of each row against its own generated keys,
-one softmax over both, and the same two GEMMs with V; GQA never repeats K/V.
-RoPE cos/sin are tabulated for all positions once, with the sign of
+one softmax over both, and the same two GEMMs with V; GQA never repeats K/V
+in decoding. Prefill attention is ``F.scaled_dot_product_attention`` with a
+boolean causal + padding mask (memory-efficient kernels on GPUs, so the
+[S, S] scores are never stored; 2x faster than explicit matmuls on CPU at
+C0); its K/V heads are expanded to the query heads, once per prompt. RoPE cos/sin are tabulated for all positions once, with the sign of
 ``rotate_half`` folded into ``sin``. Nothing loops over rows or tokens.
 
 Snapshot semantics: fused / folded / packed matrices are copies, taken at
@@ -266,6 +269,10 @@ class KVDecoder:
         self.step_index = torch.zeros((), dtype=torch.long, device=self.device)        # == self.t
         self.generated_slots = torch.arange(self.max_len, device=self.device)          # [Lmax]
         self.token_buffer = torch.zeros(self.max_batch, dtype=torch.long, device=self.device)
+        # each graph keeps its own memory pool (~60 MB at Q05: the step's temporaries
+        # and its logits). A pool shared by all graphs was tried: capturing into it
+        # after keep_rows had dropped every graph that used it fails an allocator
+        # assertion in torch 2.11 ("use_count > 0").
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, Tensor]] = {}
 
     @property
@@ -311,6 +318,7 @@ class KVDecoder:
     # ------------------------------------------------------------- prefill
     @torch.inference_mode()
     def prefill(self, input_ids: Tensor, attention_mask: Tensor, repeats: int) -> Tensor:
+        self.graphs.clear()  # they point at the prompt cache, which is about to be replaced
         P, S = input_ids.shape
         R = int(repeats)
         B = P * R
@@ -327,13 +335,12 @@ class KVDecoder:
         cos = self.cos[pos].unsqueeze(1)                    # [P, 1, S, D]
         sin = self.sin[pos].unsqueeze(1)
 
-        # attention bias [P, 1, 1, S, S]: causal & key is real; the diagonal is
-        # always allowed so that pad queries never see an all-masked row.
+        # attention mask [P, 1, S, S] (True = attend): causal & key is real; the
+        # diagonal is always allowed so that pad queries never see an all-masked row.
         ar = torch.arange(S, device=dev)
         causal = ar[None, :] <= ar[:, None]
         allowed = causal[None] & (mask[:, None, :] | torch.eye(S, dtype=torch.bool, device=dev)[None])
-        bias = torch.zeros(P, 1, 1, S, S, device=dev, dtype=torch.float32)
-        bias.masked_fill_(~allowed[:, None, None], float("-inf"))
+        allowed = allowed[:, None]
 
         n_layers = len(self.layers)
         self.pk = torch.empty(n_layers, P * KV, S, D, device=dev, dtype=self.dtype)
@@ -349,21 +356,20 @@ class KVDecoder:
             v = self.pv[li].view(P, KV, S, D)
             k.copy_(qk[:, H:])
             v.copy_(qkv[:, H + KV:])
-            # GQA without repeating kv: q [P, KV, G, S, D]
-            qg = qk[:, :H].reshape(P, KV, G, S, D)
-            scores = torch.matmul(qg, k.unsqueeze(2).transpose(-1, -2))   # [P, KV, G, S, S]
-            scores = scores.float().mul_(self.scaling).add_(bias)
-            probs = torch.softmax(scores, dim=-1).to(self.dtype)
-            o = torch.matmul(probs, v.unsqueeze(2))          # [P, KV, G, S, D]
-            o = o.reshape(P, H, S, D).transpose(1, 2).reshape(P, S, H * D)
+            # SDPA (flash / memory-efficient kernels: the [S, S] scores are never
+            # stored on GPUs); GQA by expanding each kv head to its G query heads
+            k_heads = k[:, :, None].expand(P, KV, G, S, D).reshape(P, H, S, D)
+            v_heads = v[:, :, None].expand(P, KV, G, S, D).reshape(P, H, S, D)
+            o = F.scaled_dot_product_attention(qk[:, :H], k_heads, v_heads, attn_mask=allowed,
+                                               scale=self.scaling)                # [P, H, S, D]
+            o = o.transpose(1, 2).reshape(P, S, H * D)
             x = self._residual_linear(x, o, lw["o"], lw["o_b"])
             x = self._mlp_residual(x, lw)
 
         last = self._rms(x[:, -1], self.norm_w, self.norm_eps)    # [P, hidden]
         logits = self._linear(last, self.lm_head, self.lm_head_b).float()
 
-        # per-row decode state; captured graphs point at the old prompt cache
-        self.graphs.clear()
+        # per-row decode state
         self.P, self.R, self.S, self.t = P, R, S, 0
         self.step_index.zero_()
         pbias = torch.zeros(P, KV, 1, S, device=dev, dtype=self.dtype)
@@ -493,6 +499,7 @@ class KVDecoder:
         ``repeats = 1``, i.e. prompt keys are no longer shared within a group,
         which costs a little attention time per row). Worth calling when a
         sizeable fraction of rows has finished, not every step."""
+        self.graphs.clear()  # they point at the prompt cache, which is about to be replaced
         idx = row_indices.to(self.device, torch.long)
         n = idx.shape[0]
         P, R, S, t, KV = self.P, self.R, self.S, self.t, self.n_kv
@@ -508,7 +515,6 @@ class KVDecoder:
             cache[:, : n * KV].view(n_layers, n, KV, Lm, D)[:, :, :, :t].copy_(rows)
         self.positions[:n] = self.positions.index_select(0, idx)
         self.P, self.R = n, 1
-        self.graphs.clear()  # the prompt cache was reallocated
 
 
 def sample_categorical(probs: Tensor, generator: torch.Generator | None = None) -> Tensor:
@@ -537,7 +543,11 @@ def sample_exponential_race(probs: Tensor, generator: torch.Generator | None = N
     smallest of independent exponentials is index i with probability p_i / sum(p); so
     argmax p_i / E_i is an exact draw. Three element-wise passes and a row argmax, no
     scan: on a GPU ~10x cheaper than the float64 cumsum of the inverse CDF at a 152k
-    vocabulary. E is clamped away from 0 so that p = 0 gives 0 / E = 0, never NaN."""
+    vocabulary. Done in fp32 (bf16 draws would tie). E is clamped away from 0 so that
+    p = 0 gives 0 / E = 0, never NaN. A row with no positive entry (all zero, or NaN
+    from a diverged model) gives index 0; its log-prob is then NaN or -inf, which the
+    learner's non-finite guard catches."""
+    probs = probs.float()
     race = torch.empty_like(probs).exponential_(generator=generator)                      # [B, V]
     race.clamp_(min=torch.finfo(race.dtype).tiny)
     return probs.div(race).argmax(dim=-1)                                                 # [B]

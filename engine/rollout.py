@@ -26,7 +26,8 @@ The forward pass used for decoding is `engine.decoder.KVDecoder` (fused weights,
 preallocated cache, CUDA-graph decode step on GPUs) for the Llama/Qwen2 family, and
 the transformers forward with a `DynamicCache` for any other architecture. The loop
 below never waits for the device except every `check_every` steps, when it looks
-for finished rows.
+for finished rows, and when the decoder captures a CUDA graph (at the first step of
+each 64-token bucket of generated length, and after rows are dropped).
 """
 
 from __future__ import annotations
@@ -40,7 +41,8 @@ from torch import Tensor
 from engine.decoder import KVDecoder, sample_categorical
 
 
-DECODE_DTYPES = {"model": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DECODE_DTYPES = {"auto": None, "model": None, "float32": torch.float32, "bfloat16": torch.bfloat16,
+                 "float16": torch.float16}
 
 
 @dataclass
@@ -50,14 +52,15 @@ class SamplingConfig:
     top_p: float = 1.0  # 1.0 = no nucleus filtering
     top_k: int = 0  # 0 = no top-k filtering
     # precision of the decoder's weight snapshot and KV cache: "model" (the policy's
-    # own dtype) or a dtype name; "bfloat16" over fp32 master weights is the usual
-    # choice on GPUs (the learner recomputes the log-probs it trains on anyway).
+    # own dtype), a dtype name, or "auto": bfloat16 when the fast decoder samples an
+    # fp32 model on CUDA (the learner recomputes the log-probs it trains on anyway),
+    # else the model's own.
     dtype: str = "model"
     cuda_graphs: bool = True  # replay the decode step as a CUDA graph (fast decoder on CUDA only)
 
     def __post_init__(self) -> None:
         if self.dtype not in DECODE_DTYPES:
-            raise ValueError(f"unknown sampling dtype {self.dtype!r}; choose one of {sorted(DECODE_DTYPES)}")
+            raise ValueError(f"unknown rollout dtype {self.dtype!r}; choose one of {sorted(DECODE_DTYPES)}")
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.temperature < 0:
@@ -181,18 +184,20 @@ class TransformersDecoder:
         self.positions = self.positions[row_indices]
 
 
-def make_decoder(model, max_batch_size: int, max_total_length: int, dtype: torch.dtype | None = None,
-                 cuda_graphs: bool = True):
-    """The fastest decoder that supports `model`; `dtype` None = the model's own precision."""
+def make_decoder(model, max_batch_size: int, max_total_length: int, dtype: str = "model", cuda_graphs: bool = True):
+    """The fastest decoder that supports `model`, sampling in precision `dtype` (see `SamplingConfig.dtype`)."""
+    parameter = next(model.parameters())
     if KVDecoder.supports(model):
-        return KVDecoder(model, max_batch_size=max_batch_size, max_total_length=max_total_length, dtype=dtype,
+        decode_dtype = DECODE_DTYPES[dtype]
+        if dtype == "auto" and parameter.device.type == "cuda" and parameter.dtype == torch.float32:
+            decode_dtype = torch.bfloat16
+        return KVDecoder(model, max_batch_size=max_batch_size, max_total_length=max_total_length, dtype=decode_dtype,
                          cuda_graphs=None if cuda_graphs else False)
-    model_dtype = next(model.parameters()).dtype
-    if dtype is not None and dtype != model_dtype:
+    if DECODE_DTYPES[dtype] not in (None, parameter.dtype):
         raise ValueError(
-            f"sampling dtype {dtype} differs from the model's {model_dtype}, and only the fast decoder "
-            f"(Llama / Qwen2 family) can sample in another precision than the model's; "
-            f"{type(model).__name__} uses the transformers forward: set the sampling dtype to 'model'"
+            f"rollout dtype {dtype} differs from the model's {parameter.dtype}, and only the fast decoder "
+            f"(Llama / Qwen2 family) can sample in another precision; {type(model).__name__} samples with the "
+            f"transformers forward: set the rollout dtype (--set rollout_dtype=...) to 'auto' or 'model'"
         )
     return TransformersDecoder(model, max_batch_size=max_batch_size, max_total_length=max_total_length)
 
@@ -254,8 +259,7 @@ def sample(
 
     was_training = model.training
     model.eval()
-    decoder = make_decoder(model, batch_size, prompt_length + max_new_tokens, DECODE_DTYPES[config.dtype],
-                           config.cuda_graphs)
+    decoder = make_decoder(model, batch_size, prompt_length + max_new_tokens, config.dtype, config.cuda_graphs)
     logits = decoder.prefill(prompt_ids, prompt_mask, group_size)  # [B, V]
 
     completion_ids = torch.full((batch_size, max_new_tokens), pad_token_id, dtype=torch.long, device=device)

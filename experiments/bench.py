@@ -14,8 +14,9 @@ vocab 4096; 4 prompts x G 8; prompt 64; 64 new tokens) and Q05 (random-initialis
 Qwen2.5-0.5B shape; 8 prompts x G 8; prompt 256; 256 new tokens; bf16 on CUDA).
 Timings are medians over repeats after a warm-up; compare ratios from one run only.
 
-On CUDA the rollout suite also times the sampler with CUDA graphs off (the same
-kernels launched one by one), and sets decode against the memory-bandwidth bound:
+On CUDA the rollout suite also times the sampler with CUDA graphs off (the eager
+decode step, whose kernels are those of the captured static step less its bucket
+mask and slot-indexed K/V writes), and sets decode against the memory-bandwidth bound:
 the fewest bytes one decode step must read (every weight once, the prompt K/V once
 per prompt, each row's generated K/V) over the measured device-to-device copy
 bandwidth. The step suite on CUDA keeps fp32 master weights and AdamW state,
@@ -121,8 +122,8 @@ def copy_bandwidth(device: str, size_bytes: int = 1 << 30) -> float:
 
 def decode_bytes_per_step(model, config: BenchConfig) -> float:
     """Fewest bytes one decode step reads, averaged over the steps: every weight matrix
-    once (the embedding table only for its B looked-up rows unless it is also the LM
-    head), the prompt K/V once per prompt, and each row's generated K/V so far."""
+    once (an embedding table that is not also the LM head is left out: a step reads
+    only B of its rows), the prompt K/V once per prompt, and each row's generated K/V."""
     model_config = model.config
     element = next(model.parameters()).element_size()
     weights = sum(p.numel() for p in model.parameters())
@@ -189,7 +190,8 @@ def bench_rollout(config: BenchConfig, device: str, repeats: int, profile: bool 
 
 def profile_rollout(model, ids, mask, config: BenchConfig, device: str, steps: int = 16) -> dict:
     """Where a decode step's time goes: torch.profiler over a short rollout with CUDA graphs
-    off (so each kernel is seen), prefill subtracted by profiling a 1-token rollout too."""
+    off (so each kernel is seen; the eager step, see the module docstring), prefill
+    subtracted by profiling a 1-token rollout too."""
     from torch.profiler import ProfilerActivity, profile
 
     activity = ProfilerActivity.CUDA if device == "cuda" else ProfilerActivity.CPU

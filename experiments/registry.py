@@ -31,7 +31,7 @@ class ExperimentConfig:
     top_p: float = 1.0
     top_k: int = 0
     max_prompt_length: int = 512
-    rollout_dtype: str = "auto"  # decoder precision: auto (bfloat16 on CUDA, else the model's) | model | bfloat16 | float16 | float32
+    rollout_dtype: str = "auto"  # sampler precision: auto (bf16 copy of fp32 weights on CUDA) | model | bfloat16 | float16 | float32
     # --- optimisation ------------------------------------------------------
     lr: float = 1e-3
     weight_decay: float = 0.0

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from algorithms.base import make_strategy, strategy_class
 from engine.learner import Learner, LearnerConfig
-from engine.rollout import DECODE_DTYPES, SamplingConfig
+from engine.rollout import SamplingConfig
 from engine.sft import SFTConfig, supervised_finetune
 from engine.trainer import Trainer, TrainerConfig
 from experiments.data.common import cache_dir
@@ -88,22 +88,12 @@ def learner_config(config: ExperimentConfig) -> LearnerConfig:
     )
 
 
-def rollout_dtype(config: ExperimentConfig) -> str:
-    """The sampler's decoder precision: "auto" is bf16 on GPUs (the learner trains under bf16
-    autocast there) and the model's own precision elsewhere."""
-    if config.rollout_dtype == "auto":
-        return "bfloat16" if config.device.startswith("cuda") else "model"
-    if config.rollout_dtype not in DECODE_DTYPES:
-        raise ValueError(f"unknown rollout_dtype {config.rollout_dtype!r}; choose auto or one of {sorted(DECODE_DTYPES)}")
-    return config.rollout_dtype
-
-
 def trainer_config(config: ExperimentConfig) -> TrainerConfig:
     return TrainerConfig(
         seed=config.seed, max_steps=config.max_steps, prompts_per_step=config.prompts_per_step,
         group_size=config.group_size,
         sampling=SamplingConfig(max_new_tokens=config.max_new_tokens, temperature=config.temperature,
-                                top_p=config.top_p, top_k=config.top_k, dtype=rollout_dtype(config)),
+                                top_p=config.top_p, top_k=config.top_k, dtype=config.rollout_dtype),
         max_prompt_length=config.max_prompt_length, save_every=config.save_every, eval_every=config.eval_every,
         max_generation_rounds=config.max_generation_rounds,
     )

@@ -19,7 +19,7 @@ from algorithms.grpo import GRPO
 from engine.decoder import KVDecoder, sample_categorical
 from engine.learner import Learner, LearnerConfig, PolicyBatch
 from engine.logprobs import completion_logprobs
-from engine.rollout import SamplingConfig, sample
+from engine.rollout import SamplingConfig, make_decoder, sample
 from tests.conftest import left_padded_prompts, make_model
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -143,8 +143,8 @@ def test_graphs_on_and_off_sample_the_same_tokens(tokenizer):
     model = _model(tokenizer)
     on = _sample(model, tokenizer, 1.0, seed=5)
     off = _sample(model, tokenizer, 1.0, seed=5, cuda_graphs=False)
-    # Same uniforms, logits equal to ~1e-6: the draws agree unless a uniform lands within
-    # ~1e-6 of a CDF boundary, which would change (at most) one row from there on.
+    # Same exponential draws, logits equal to ~1e-6: the race's winner changes only when
+    # two candidates' p / E are within ~1e-6, which would change (at most) one row from there on.
     same_rows = (on.completion_ids == off.completion_ids).all(dim=1)  # [B]
     assert int((~same_rows).sum()) <= 1
     torch.testing.assert_close(on.old_logprobs[same_rows], off.old_logprobs[same_rows], atol=1e-4, rtol=0)
@@ -158,9 +158,12 @@ def test_bf16_model_sampler_matches_recompute(tokenizer):
 
 
 def test_bf16_decoder_over_fp32_weights_matches_autocast_recompute(tokenizer):
-    """What a trainer on a GPU does: sample with a bf16 snapshot, recompute under bf16 autocast."""
+    """What a trainer on a GPU does ("auto": a bf16 snapshot of fp32 weights), then recompute
+    under bf16 autocast."""
     model = _model(tokenizer)
-    rollout = _sample(model, tokenizer, 1.0, dtype="bfloat16")
+    assert make_decoder(model, 4, 16, "auto").dtype == torch.bfloat16
+    assert make_decoder(model, 4, 16, "model").dtype == torch.float32
+    rollout = _sample(model, tokenizer, 1.0, dtype="auto")
     assert next(model.parameters()).dtype == torch.float32
     max_gap, mean_gap = _recompute_gaps(model, rollout, autocast=True)
     assert max_gap < BF16_MAX_GAP and mean_gap < BF16_MEAN_GAP, (max_gap, mean_gap)

@@ -77,7 +77,9 @@ def test_kl_needs_reference_and_is_zero_against_itself(tokenizer, qwen_model):
 
 
 def test_reference_offload_gives_the_same_update(tokenizer, qwen_model):
-    """With reference_offload the reference stays in CPU memory; the KL and the update are unchanged."""
+    """With reference_offload the reference is sent to the batch's device for its forward and
+    back to CPU memory; the KL and the update are unchanged. (On CPU both moves are no-ops,
+    so the moves are checked by recording them; tests/test_cuda.py checks real placement.)"""
     strategy = GRPO()
     batch = _batch(qwen_model, tokenizer, strategy)
     results = []
@@ -86,7 +88,11 @@ def test_reference_offload_gives_the_same_update(tokenizer, qwen_model):
         reference = make_model(tokenizer, seed=1)  # a different model: the KL is not zero
         learner = Learner(model, LearnerConfig(kl_coef=0.1, lr=1e-2, reference_offload=offload), strategy,
                           reference_model=reference)
+        moves = []
+        original_to = reference.to
+        reference.to = lambda device, *args, **kwargs: moves.append(str(device)) or original_to(device, *args, **kwargs)
         metrics = learner.update(batch)
+        assert moves == (["cpu", "cpu"] if offload else [])  # to the batch's device (cpu here), then back
         assert all(p.device.type == "cpu" for p in reference.parameters())
         results.append((metrics["kl"], [p.detach().clone() for p in model.parameters()]))
     assert results[0][0] > 1e-3

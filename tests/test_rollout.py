@@ -5,7 +5,7 @@ import torch
 
 from engine.decoder import KVDecoder
 from engine.logprobs import completion_logprobs
-from engine.rollout import Rollout, SamplingConfig, filter_logits, sample
+from engine.rollout import Rollout, SamplingConfig, filter_logits, make_decoder, sample
 from tests.conftest import left_padded_prompts, make_model
 
 PROMPTS = ["Sort these digits: 3 1 2", "Recommend movies like Heat (1995)", "Fargo"]
@@ -189,15 +189,18 @@ def test_bf16_sampling_over_fp32_weights(qwen_model, tokenizer, monkeypatch):
     sampled log-probs stay within bf16 rounding of the fp32 recompute."""
     rollout = _sample(qwen_model, tokenizer, 1.0, dtype="bfloat16")
     assert next(qwen_model.parameters()).dtype == torch.float32
+    assert make_decoder(qwen_model, 4, 16, "auto").dtype == torch.float32  # "auto" is bf16 on CUDA only
     assert rollout.old_logprobs.dtype == torch.float32
     assert rollout.completion_mask.any()
     assert _max_recompute_gap(qwen_model, rollout) < 0.03  # bf16 weights and cache vs fp32 (measured 0.005)
 
-    with pytest.raises(ValueError, match="unknown sampling dtype"):
+    with pytest.raises(ValueError, match="unknown rollout dtype"):
         SamplingConfig(dtype="fp8")
     import engine.rollout as rollout_module
 
     monkeypatch.setattr(rollout_module.KVDecoder, "supports", staticmethod(lambda model: False))
-    with pytest.raises(ValueError, match="set the sampling dtype to 'model'"):
+    with pytest.raises(ValueError, match=r"set the rollout dtype \(--set rollout_dtype=...\) to 'auto' or 'model'"):
         _sample(qwen_model, tokenizer, 1.0, dtype="bfloat16")
-    assert _sample(qwen_model, tokenizer, 1.0, dtype="float32").completion_mask.any()  # same as the model's
+    # the transformers forward samples in the model's precision: "auto" and the model's own dtype are fine
+    assert _sample(qwen_model, tokenizer, 1.0, dtype="float32").completion_mask.any()
+    assert _sample(qwen_model, tokenizer, 1.0, dtype="auto").completion_mask.any()

@@ -83,7 +83,7 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, monkeypatch):
         (["grpo_sort", "--resume", "/no/such/run"], "no such run directory"),
         ([], "name an experiment"),
         (["grpo_sort", "--bogus"], "unrecognized arguments"),
-        (["grpo_sort", "--set", "rollout_dtype=fp8"], "unknown rollout_dtype 'fp8'; choose auto or one of"),
+        (["grpo_sort", "--set", "rollout_dtype=fp8"], "unknown rollout dtype 'fp8'; choose one of ['auto',"),
         (["grpo_sort", "--set", "temperature=-1"], "temperature must be >= 0"),
     ],
 )
