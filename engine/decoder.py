@@ -12,15 +12,16 @@ into a few fused matrices and runs
 
 On CUDA the decode step is captured in CUDA graphs (``cuda_graphs``, on by
 default there) and replayed, so one step costs one graph launch instead of
-~30 kernel launches per layer (3.2x faster at Q05 on an H200). A graph needs fixed shapes and addresses, so
-the captured step is the *static* form of the same computation: the token
-ids come through a fixed buffer, the generated keys are read up to a bucket
-length (a multiple of ``graph_bucket``) with the positions past the current
-step masked to -inf, and the new K/V are written at a slot held in a device
-tensor. One graph is captured per (active rows, bucket length); prefill and
-``keep_rows`` drop them, since they reallocate the prompt cache. The static
-form runs eagerly too (``static_decode=True``), which is how the CPU tests
-check it against the transformers forward.
+~30 kernel launches per layer (3.2x-4.6x faster at Q05 on an H200). A graph
+needs fixed shapes and addresses, so the captured step is the *static* form
+of the same computation: the token ids come through a fixed buffer, the
+generated keys are read up to a bucket length (a multiple of
+``graph_bucket``) with the positions past the current step masked to -inf,
+and the new K/V are written at a slot held in a device tensor. One graph is
+captured per (active rows, bucket length); prefill and ``keep_rows`` drop
+them, since they reallocate the prompt cache. The static form runs eagerly
+too (``static_decode=True``), which is how the CPU tests check it against
+the transformers forward.
 
 Numerics mirror transformers (checked against the installed 5.x source):
 RMSNorm in fp32 then cast, RoPE cos/sin taken from the model's own
@@ -42,7 +43,8 @@ one softmax over both, and the same two GEMMs with V; GQA never repeats K/V
 in decoding. Prefill attention is ``F.scaled_dot_product_attention`` with a
 boolean causal + padding mask (memory-efficient kernels on GPUs, so the
 [S, S] scores are never stored; 2x faster than explicit matmuls on CPU at
-C0); its K/V heads are expanded to the query heads, once per prompt. RoPE cos/sin are tabulated for all positions once, with the sign of
+C0); its K/V heads are expanded to the query heads, once per prompt. RoPE
+cos/sin are tabulated for all positions once, with the sign of
 ``rotate_half`` folded into ``sin``. Nothing loops over rows or tokens.
 
 Snapshot semantics: fused / folded / packed matrices are copies, taken at
