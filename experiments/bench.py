@@ -280,9 +280,9 @@ def reset_peak_rss() -> int:
     the baseline is the lifetime maximum (`ru_maxrss`)."""
     try:
         Path("/proc/self/clear_refs").write_text("5")
-        return _status_kilobytes("VmHWM") * 1024
-    except (OSError, TypeError):
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    except OSError:
+        pass
+    return peak_rss()
 
 
 def peak_rss() -> int:

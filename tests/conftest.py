@@ -1,4 +1,7 @@
-"""Shared fixtures: a locally trained tokenizer and tiny random Qwen2 / Llama models (CPU, fp32)."""
+"""Shared fixtures: a locally trained tokenizer and tiny random Qwen2 / Llama models (CPU, fp32),
+and the two references the decoder and sampler tests compare against."""
+
+from contextlib import nullcontext
 
 import pytest
 import torch
@@ -47,3 +50,27 @@ def left_padded_prompts(tokenizer, texts):
 
     chats = [[{"role": "user", "content": text}] for text in texts]
     return encode_prompts(tokenizer, chats, max_length=256, device=torch.device("cpu"))
+
+
+@torch.no_grad()
+def hf_logits(model, ids, mask):
+    """Plain transformers forward over whole sequences, positions = cumsum(mask) - 1 passed explicitly."""
+    mask = mask.long()
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    return model(input_ids=ids, attention_mask=mask, position_ids=positions).logits.float()
+
+
+@torch.no_grad()
+def recompute_gaps(model, rollout, chunk_size=128, autocast=False) -> tuple[float, float]:
+    """(max, mean) |sampler log-prob - recomputed log-prob| over the completion tokens;
+    `autocast`: recompute under CUDA bf16 autocast, as the learner does on GPUs."""
+    from engine.logprobs import completion_logprobs
+
+    context = torch.autocast("cuda", dtype=torch.bfloat16) if autocast else nullcontext()
+    with context:
+        recomputed = completion_logprobs(
+            model, rollout.prompt_ids, rollout.prompt_mask, rollout.completion_ids, rollout.completion_mask,
+            temperature=rollout.temperature, chunk_size=chunk_size,
+        ).logprobs
+    gaps = (recomputed - rollout.old_logprobs).abs()[rollout.completion_mask]
+    return float(gaps.max()), float(gaps.mean())

@@ -10,17 +10,14 @@ their log-probs differ by rounding: at most 0.1 nats, 0.02 on average (a wrong p
 mask or cache entry shows as whole nats).
 """
 
-from contextlib import nullcontext
-
 import pytest
 import torch
 
 from algorithms.grpo import GRPO
 from engine.decoder import KVDecoder, sample_categorical
 from engine.learner import Learner, LearnerConfig, PolicyBatch
-from engine.logprobs import completion_logprobs
 from engine.rollout import SamplingConfig, make_decoder, sample
-from tests.conftest import left_padded_prompts, make_model
+from tests.conftest import hf_logits, left_padded_prompts, make_model, recompute_gaps
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -45,17 +42,6 @@ def _sample(model, tokenizer, temperature, group_size=4, max_new_tokens=24, eos=
                   tokenizer.pad_token_id, torch.Generator(device=CUDA).manual_seed(seed))
 
 
-@torch.no_grad()
-def _recompute_gaps(model, rollout, autocast=False) -> tuple[float, float]:
-    """(max, mean) |sampler log-prob - recomputed log-prob| over the completion tokens."""
-    context = torch.autocast("cuda", dtype=torch.bfloat16) if autocast else nullcontext()
-    with context:
-        recomputed = completion_logprobs(model, rollout.prompt_ids, rollout.prompt_mask, rollout.completion_ids,
-                                         rollout.completion_mask, temperature=rollout.temperature).logprobs
-    gaps = (recomputed - rollout.old_logprobs).abs()[rollout.completion_mask]
-    return float(gaps.max()), float(gaps.mean())
-
-
 def _eos_ending_some_rows(model, tokenizer, temperature=1.0, seed=0) -> int:
     """A token that the rollout with this seed samples in some rows (before their last step) and
     not in others: used as EOS, the same rollout ends those rows early, so rows get dropped."""
@@ -66,12 +52,6 @@ def _eos_ending_some_rows(model, tokenizer, temperature=1.0, seed=0) -> int:
             rows_with_token[token] = rows_with_token.get(token, 0) + 1
     partial = [token for token, rows in rows_with_token.items() if rows < free.num_rows]
     return max(partial, key=lambda token: rows_with_token[token])
-
-
-@torch.no_grad()
-def _hf_last_logits(model, ids, mask):
-    positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
-    return model(input_ids=ids, attention_mask=mask.long(), position_ids=positions).logits[:, -1].float()
 
 
 def test_sample_categorical_distribution_on_cuda():
@@ -112,7 +92,7 @@ def test_captured_decode_matches_eager_and_transformers(tokenizer, architecture)
         out_graphed = graphed.decode(tokens).clone()  # the graph's output buffer is reused by the next step
         out_eager = eager.decode(tokens)
         torch.testing.assert_close(out_graphed, out_eager, atol=1e-4, rtol=0)
-        torch.testing.assert_close(out_graphed, _hf_last_logits(model, full_ids, full_mask), atol=1e-4, rtol=0)
+        torch.testing.assert_close(out_graphed, hf_logits(model, full_ids, full_mask)[:, -1], atol=1e-4, rtol=0)
     assert sorted(graphed.graphs) == [(4, 8), (4, 12)]  # captured after the last keep_rows
 
 
@@ -122,7 +102,7 @@ def test_sampler_logprobs_equal_recompute_fp32(tokenizer, architecture, temperat
     model = _model(tokenizer, architecture, tie=architecture == "qwen2")
     rollout = _sample(model, tokenizer, temperature, eos=[_eos_ending_some_rows(model, tokenizer, temperature)])
     assert rollout.completion_lengths.unique().numel() > 1  # rows ended at different steps
-    max_gap, _ = _recompute_gaps(model, rollout)
+    max_gap, _ = recompute_gaps(model, rollout)
     assert max_gap < 1e-4
 
 
@@ -153,7 +133,7 @@ def test_graphs_on_and_off_sample_the_same_tokens(tokenizer):
 def test_bf16_model_sampler_matches_recompute(tokenizer):
     model = _model(tokenizer, dtype=torch.bfloat16)
     rollout = _sample(model, tokenizer, 1.0, eos=[_eos_ending_some_rows(model, tokenizer)])
-    max_gap, mean_gap = _recompute_gaps(model, rollout)
+    max_gap, mean_gap = recompute_gaps(model, rollout)
     assert max_gap < BF16_MAX_GAP and mean_gap < BF16_MEAN_GAP, (max_gap, mean_gap)
 
 
@@ -165,7 +145,7 @@ def test_bf16_decoder_over_fp32_weights_matches_autocast_recompute(tokenizer):
     assert make_decoder(model, 4, 16, "model").dtype == torch.float32
     rollout = _sample(model, tokenizer, 1.0, dtype="auto")
     assert next(model.parameters()).dtype == torch.float32
-    max_gap, mean_gap = _recompute_gaps(model, rollout, autocast=True)
+    max_gap, mean_gap = recompute_gaps(model, rollout, autocast=True)
     assert max_gap < BF16_MAX_GAP and mean_gap < BF16_MEAN_GAP, (max_gap, mean_gap)
 
 

@@ -5,6 +5,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from engine.decoder import KVDecoder, sample_exponential_race, sample_inverse_cdf
+from tests.conftest import hf_logits
 
 TOL = 1e-5
 SMALL = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -58,13 +59,6 @@ def _prompts(lengths, S, vocab, seed=0):
     return ids, mask
 
 
-@torch.no_grad()
-def _hf_logits(model, ids, mask):
-    """Plain transformers forward, positions = cumsum(mask) - 1 passed explicitly."""
-    pos = (mask.cumsum(-1) - 1).clamp(min=0)
-    return model(input_ids=ids, attention_mask=mask, position_ids=pos).logits.float()
-
-
 # "static" is the graph-shaped step (bucketed generated keys, masked, slot index on
 # the device) run eagerly; a bucket of 4 makes the 6 steps cross a bucket boundary
 # and the last bucket is cut at the cache's end (S + steps + 2 - S = 8).
@@ -85,7 +79,7 @@ def test_prefill_and_decode_match_hf(name, mode):
 
     logits = dec.prefill(ids, mask, repeats=R)
     assert logits.shape == (P * R, V) and logits.dtype == torch.float32
-    ref = _hf_logits(model, ids, mask)[:, -1]
+    ref = hf_logits(model, ids, mask)[:, -1]
     torch.testing.assert_close(logits, ref.repeat_interleave(R, 0), atol=TOL, rtol=0)
 
     # rows of a group get different tokens from here on
@@ -97,7 +91,7 @@ def test_prefill_and_decode_match_hf(name, mode):
         full_ids = torch.cat([full_ids, tok[:, None]], 1)
         full_mask = torch.cat([full_mask, torch.ones(P * R, 1, dtype=torch.long)], 1)
         out = dec.decode(tok)
-        ref = _hf_logits(model, full_ids, full_mask)[:, -1]
+        ref = hf_logits(model, full_ids, full_mask)[:, -1]
         assert out.shape == (P * R, V) and out.dtype == torch.float32
         torch.testing.assert_close(out, ref, atol=TOL, rtol=0)
 
@@ -135,7 +129,7 @@ def test_keep_rows_matches_hf(static):
         full_ids = torch.cat([full_ids, tok[:, None]], 1)
         full_mask = torch.cat([full_mask, torch.ones(len(rows), 1, dtype=torch.long)], 1)
         out = dec.decode(tok)
-        torch.testing.assert_close(out, _hf_logits(model, full_ids, full_mask)[:, -1], atol=TOL, rtol=0)
+        torch.testing.assert_close(out, hf_logits(model, full_ids, full_mask)[:, -1], atol=TOL, rtol=0)
 
 
 def test_weights_snapshot_at_construction():
@@ -147,7 +141,7 @@ def test_weights_snapshot_at_construction():
         model.model.layers[0].mlp.up_proj.weight.add_(1.0)
     torch.testing.assert_close(dec.prefill(ids, mask, 1), before, atol=0, rtol=0)   # fused copies
     dec2 = KVDecoder(model, 2, 8)
-    torch.testing.assert_close(dec2.prefill(ids, mask, 1), _hf_logits(model, ids, mask)[:, -1], atol=TOL, rtol=0)
+    torch.testing.assert_close(dec2.prefill(ids, mask, 1), hf_logits(model, ids, mask)[:, -1], atol=TOL, rtol=0)
 
 
 def test_supports_rejects_unsupported():
@@ -170,12 +164,12 @@ def test_bf16_close_to_hf():
     ids, mask = _prompts([6, 3], 6, V, seed=11)
     dec = KVDecoder(model, 4, 10)
     out = dec.prefill(ids, mask, repeats=2)
-    ref = _hf_logits(model, ids, mask)[:, -1].repeat_interleave(2, 0)
+    ref = hf_logits(model, ids, mask)[:, -1].repeat_interleave(2, 0)
     assert out.dtype == torch.float32
     assert (out - ref).abs().max() < 0.1 * ref.abs().max()
     tok = torch.tensor([5, 6, 7, 8])
     out = dec.decode(tok)
-    ref = _hf_logits(model, torch.cat([ids.repeat_interleave(2, 0), tok[:, None]], 1),
+    ref = hf_logits(model, torch.cat([ids.repeat_interleave(2, 0), tok[:, None]], 1),
                      torch.cat([mask.repeat_interleave(2, 0), torch.ones(4, 1, dtype=torch.long)], 1))[:, -1]
     assert (out - ref).abs().max() < 0.1 * ref.abs().max()
 

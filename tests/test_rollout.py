@@ -4,9 +4,8 @@ import pytest
 import torch
 
 from engine.decoder import KVDecoder
-from engine.logprobs import completion_logprobs
 from engine.rollout import Rollout, SamplingConfig, filter_logits, make_decoder, sample
-from tests.conftest import left_padded_prompts, make_model
+from tests.conftest import left_padded_prompts, make_model, recompute_gaps
 
 PROMPTS = ["Sort these digits: 3 1 2", "Recommend movies like Heat (1995)", "Fargo"]
 
@@ -21,13 +20,8 @@ def _sample(model, tokenizer, temperature, group_size=4, max_new_tokens=12, eos=
     )
 
 
-@torch.no_grad()
 def _max_recompute_gap(model, rollout):
-    recomputed = completion_logprobs(
-        model, rollout.prompt_ids, rollout.prompt_mask, rollout.completion_ids, rollout.completion_mask,
-        temperature=rollout.temperature, chunk_size=5,
-    ).logprobs
-    return float((recomputed - rollout.old_logprobs).abs().max())
+    return recompute_gaps(model, rollout, chunk_size=5)[0]  # chunks of 5: the chunked recompute is exercised
 
 
 def _frequent_token(model, tokenizer):
