@@ -5,31 +5,58 @@ Positions
 The list is split on the raw newline character ``"\\n"`` and **position k is raw
 line k** (0-based), blank lines included.  Rank-GRPO segments completion tokens
 by counting newlines: the rank id of a token is the number of ``"\\n"`` before
-it (reference rank_grpo.md §1.1).  Keeping raw-line positions makes reward
-rank k and token rank k the same line, so a blank or malformed line scores 0
-at its own rank instead of shifting the later items up (the reference parser
-drops such lines; §1.1 "alignment caveat").  A trailing newline therefore
-creates one more (empty) position, exactly as it creates one more token rank.
-A carriage return before the newline ("\\r\\n") is ignored.
+it (docs/rank_grpo.md §1).  Keeping raw-line positions makes reward rank k and
+token rank k the same line, so a blank or malformed line scores 0 at its own
+rank instead of shifting the later items up (the official parser drops such
+lines, which misaligns rewards and tokens; docs/rank_grpo.md §1).  A trailing
+newline therefore creates one more (empty) position, exactly as it creates one
+more token rank.  A carriage return before the newline ("\\r\\n") is ignored.
 
 Line grammar
 ------------
-Each line is cleaned, then read as ``Title (Year)``:
+A line is read in five steps::
 
-* whitespace collapsed; ``**`` and ``__`` (markdown bold) removed;
-* leading bullets and numbering removed, repeatedly: ``-``, ``*``, ``•``,
-  ``+``, ``>``, ``#``, ``1.``, ``1)``, ``(1)``, ``1 -``, ``#1``, ``#1.``;
-* surrounding quotes (straight or typographic) and backticks removed;
-* the year is the first 4-digit number in parentheses or brackets,
-  ``(1994)`` or ``[1994]``; the title is the text before it, with quotes and
-  trailing separators (``-``, ``:``, ``,``) stripped; text after the year
-  (trailing chatter such as " - a classic") is ignored;
-* a line with a title but no year gives ``Item(title, None)`` (it can never be
-  a hit, see ``rewards.catalog``); a line without any title character gives
-  ``item=None``.
+    line    := marker* body
+    marker  := ( bullet | number ) whitespace-or-end
+    bullet  := one or more of  - * + > # • · – — ~       ("-", "*", "###", "--")
+    number  := D "." | D ")" | D "]" | D "-"              ("1.", "12)", "3]", "1-")
+             | "(" D ")" | "#" D | "#" D P | D " " Dash   ("(1)", "( 1 )", "#1", "#1.", "1 -")
+    D       := 1 to 3 digits;   P := one of . ) : -;   Dash := one of - – —
+    body    := Title [ "(" Year ")" | "[" Year "]" ] [ anything ]
 
-Every regular expression here is linear in the line length, so huge or
-adversarial inputs cannot blow up.
+1. Whitespace runs (any Unicode space) become one space; the line is trimmed.
+2. Emphasis and quotes are removed **at the two ends of the line only**: runs
+   of ``*``, ``_``, straight or typographic quotes and backticks
+   ("**Heat (1995)**" -> "Heat (1995)").
+3. Leading markers are removed, repeatedly.  **A marker counts only when
+   whitespace (or the end of the line) follows it**, so a title that starts
+   with digits or a bullet character keeps them: "1-900", "8-Bit Christmas",
+   "11.22.63", "#Alive", "+1".  A bare number or a number with a colon is
+   never a marker ("12 Angry Men", "8 1/2", "2001: A Space Odyssey").
+   Consequently "1.Heat" is *not* numbering: it is the title "1.Heat", which
+   no catalog knows, so it scores 0.  The target
+   format has no numbering at all (docs/rank_grpo.md §1); the official parser
+   also strips "1." or "1-" without a following space, which is exactly what
+   destroys such titles.
+4. Step 2 is repeated (for "- **Heat (1995)**").
+5. The year is the first 4-digit number in parentheses or brackets,
+   ``(1994)`` or ``[1994]``, spaces allowed inside; the title is the text
+   before it, with the characters `` -–—:,;*_``, quotes and backticks
+   stripped **at its two ends**.  Text after the year (" - a classic") is
+   ignored.  Emphasis, quotes or dashes *inside* a title are kept
+   ("M*A*S*H", "Don't F**k with Cats", "8-Bit Christmas").
+
+A line with a title but no year gives ``Item(title, None)`` (it can never be a
+hit, see ``rewards.catalog``); a line without any letter or digit in its title
+gives ``item=None``.
+
+Cost
+----
+Every step is one pass over the line: the markers are consumed by a single
+match of one regular expression whose repetition never backtracks into an
+earlier marker, and the end stripping is ``str.strip``.  Parsing is therefore
+linear in the length of the text, also for adversarial lines such as one
+megabyte of "1. 1. 1. ..." (tests/test_rewards_lists.py).
 """
 
 from __future__ import annotations
@@ -41,20 +68,24 @@ from dataclasses import dataclass
 from rewards.catalog import Item
 
 _WHITESPACE = re.compile(r"\s+")
-_LEADING_MARKER = re.compile(
-    r"^(?:"
-    r"#\s*\d{1,3}(?:\s*[.):\-])?\s+"         # "#1 ", "#1. "
-    r"|#\s*\d{1,3}[.):]\s*"                  # "#1."
-    r"|[-*•·+>#–—~]+\s*"                     # bullets, blockquote, heading marks
-    r"|\(\s*\d{1,3}\s*\)\s*"                 # "(1) "
-    r"|\d{1,3}\s*[.)\]]\s*"                  # "1.", "1)", "1]"
-    r"|\d{1,3}\s+-\s+"                       # "1 - "
-    r"|\d{1,3}-\s*(?=\D)"                    # "1-" (the reference's numbering)
-    r")"
-)
 _QUOTES = "\"'`“”‘’«»„"
+#: Characters removed at the two ends of a line (emphasis and quotes), step 2.
+_LINE_ENDS = " *_" + _QUOTES
+#: Characters removed at the two ends of a title, step 5.
+_TITLE_ENDS = " \t-–—:,;*_" + _QUOTES
+_LEADING_MARKERS = re.compile(
+    r"(?:"
+    r"(?:"
+    r"[-*+>#•·–—~]+"                  # bullets, blockquote and heading marks
+    r"|\d{1,3}[.)\]-]"                # "1.", "1)", "1]", "1-"
+    r"|\(\s*\d{1,3}\s*\)"             # "(1)"
+    r"|\#\d{1,3}[.):-]?"              # "#1", "#1.", "#1:"
+    r"|\d{1,3}\s[-–—]"                # "1 -"
+    r")"
+    r"(?:\s+|$)"                      # a marker must be followed by whitespace or the end
+    r")*"
+)
 _YEAR = re.compile(r"[(\[]\s*(\d{4})\s*[)\]]")
-_TITLE_TRAILING = " \t-–—:,;*_" + _QUOTES
 _TITLE_CHARACTER = re.compile(r"\w")
 
 
@@ -73,36 +104,18 @@ class ParsedLine:
     item: Item | None
 
 
-def _strip_leading_markers(text: str) -> str:
-    while True:
-        stripped = _LEADING_MARKER.sub("", text, count=1).lstrip()
-        if stripped == text:
-            return text
-        text = stripped
-
-
-def _strip_quotes(text: str) -> str:
-    while len(text) >= 1 and (text[0] in _QUOTES or text[-1] in _QUOTES):
-        text = text.strip(_QUOTES).strip()
-    return text
-
-
 def parse_line(raw: str) -> Item | None:
-    """Parse one line into an ``Item`` (see the module docstring), or None."""
-    text = _WHITESPACE.sub(" ", raw).strip()
+    """Parse one line into an ``Item`` (grammar in the module docstring), or None."""
+    text = _WHITESPACE.sub(" ", raw).strip(_LINE_ENDS)
+    text = text[_LEADING_MARKERS.match(text).end():].strip(_LINE_ENDS)
     if not text:
         return None
-    text = text.replace("**", "").replace("__", "")
-    text = _strip_leading_markers(text)
-    text = _strip_quotes(text)
-    text = text.strip("*_ ")
     match = _YEAR.search(text)
     if match is None:
         title, year = text, None
     else:
         title, year = text[: match.start()], int(match.group(1))
-    title = title.strip(_TITLE_TRAILING)
-    title = _strip_quotes(title).strip(_TITLE_TRAILING)
+    title = title.strip(_TITLE_ENDS)
     if not _TITLE_CHARACTER.search(title):
         return None
     return Item(title, year)
@@ -129,5 +142,5 @@ def format_item(item: Item) -> str:
 
 def format_list(items: Iterable[Item]) -> str:
     """Items as the target completion format: ``Title (Year)`` lines joined by single
-    newlines, no numbering and no trailing newline (reference §1.1)."""
+    newlines, no numbering and no trailing newline (docs/rank_grpo.md §1)."""
     return "\n".join(format_item(item) for item in items)

@@ -3,7 +3,7 @@
 Notation: a list of N positions, 1-based rank j, hits rel_j in {0, 1}
 (``rewards.catalog.rank_hits``), discount d_j = 1 / log2(j + 1) (so d_1 = 1).
 
-Rank rewards (reference rank_grpo.md §1.3), all causal: rank k is credited only
+Rank rewards (docs/rank_grpo.md §3), all causal: rank k is credited only
 with ranks k..N, never with the ranks before it.
 
 * ``exp_inf``  : r_k = rel_k                                   (Γ -> ∞; the paper's default)
@@ -14,7 +14,7 @@ with ranks k..N, never with the ranks before it.
 Sequence reward for vanilla GRPO / GSPO: ``sequence_ndcg`` = NDCG@N of the list,
 DCG@N / IDCG@N with IDCG over min(|GT|, N) ideal hits.
 
-Evaluation metrics (reference §2, ``evaluate_direct_match``), for K in (5, 10, 20):
+Evaluation metrics (docs/rank_grpo.md §5), for K in (5, 10, 20):
 
 1. The parsed list is *compacted*: positions without an item, seen items and
    out-of-catalog items are removed first (duplicates stay and score 0).
@@ -136,7 +136,7 @@ def evaluate_list(
     Returns:
         ``{"recall@5": .., "ndcg@5": .., "recall@10": .., ...}`` in the order of ``ks``.
     """
-    seen = SeenSet(example.seen, year_tolerance)
+    seen = SeenSet(example.seen, year_tolerance, catalog.title_key)
     compacted = [
         item
         for item in _items_of(text_or_items)

@@ -1,17 +1,26 @@
 """Reddit-v2 loader: layout, fields, availability and clear errors (small files in tmp_path)."""
 
 import json
+import os
 from pathlib import Path
 
 import pytest
 
 from experiments.data import load_recommendation_data, reddit_v2_available
 from experiments.data.common import DataError
-from experiments.data.reddit_v2 import load_reddit_v2
+from experiments.data.reddit_v2 import load_reddit_v2, reddit_v2_directory
 from rewards.catalog import Item
 from rewards.ranking import evaluate_list
 
-REAL_CATALOG = Path("/work/shared/data/reddit-v2/catalog.tsv")
+
+def real_catalog_path() -> Path | None:
+    """$RECRL_DATA_DIR/reddit-v2/catalog.tsv, or None when the variable is unset or the file absent."""
+    data_dir = os.environ.get("RECRL_DATA_DIR")
+    path = reddit_v2_directory(data_dir) / "catalog.tsv" if data_dir else None
+    return path if path is not None and path.is_file() else None
+
+
+REAL_CATALOG = real_catalog_path()
 
 RECORD = {
     "prompt": [{"role": "user", "content": "Pretend you are a movie recommender system. ... USER: something like Alien?"}],
@@ -108,7 +117,7 @@ def test_save_to_disk_without_datasets_is_a_clear_error(tmp_path):
         load_reddit_v2(root)
 
 
-@pytest.mark.skipif(not REAL_CATALOG.is_file(), reason="the Reddit-v2 catalog is not available")
+@pytest.mark.skipif(REAL_CATALOG is None, reason="set RECRL_DATA_DIR to a folder with reddit-v2/catalog.tsv")
 def test_real_catalog_with_fake_conversations(tmp_path):
     root = write_reddit(tmp_path, catalog=False)
     (root / "reddit-v2" / "catalog.tsv").write_bytes(REAL_CATALOG.read_bytes())

@@ -52,6 +52,93 @@ def test_parse_line(line, expected):
     assert parse_line(line) == expected
 
 
+@pytest.mark.parametrize(
+    "line, expected",
+    [
+        # a title that starts with digits keeps them: a marker needs whitespace after it
+        ("1-900 (1994)", Item("1-900", 1994)),
+        ("8-Bit Christmas (2021)", Item("8-Bit Christmas", 2021)),
+        ("11.22.63 (2016)", Item("11.22.63", 2016)),
+        ("8 1/2 (1963)", Item("8 1/2", 1963)),
+        ("12 Angry Men (1957)", Item("12 Angry Men", 1957)),
+        ("3:10 to Yuma (2007)", Item("3:10 to Yuma", 2007)),
+        ("50/50 (2011)", Item("50/50", 2011)),
+        ("#Alive (2020)", Item("#Alive", 2020)),
+        ("+1 (2013)", Item("+1", 2013)),
+        ("1.Heat (1995)", Item("1.Heat", 1995)),
+        ("1)Heat (1995)", Item("1)Heat", 1995)),
+        # ... and loses only the numbering in front of it
+        ("1. 11.22.63 (2016)", Item("11.22.63", 2016)),
+        ("2) 8-Bit Christmas (2021)", Item("8-Bit Christmas", 2021)),
+        ("10. 10 Cloverfield Lane (2016)", Item("10 Cloverfield Lane", 2016)),
+        ("# 12 Angry Men (1957)", Item("12 Angry Men", 1957)),
+        ("- 1-900 (1994)", Item("1-900", 1994)),
+        ("3 - 300: Rise of an Empire (2014)", Item("300: Rise of an Empire", 2014)),
+        # every numbering and bullet form, whitespace after it
+        ("1) Heat", Item("Heat", None)),
+        ("1] Heat (1995)", Item("Heat", 1995)),
+        ("1- Heat (1995)", Item("Heat", 1995)),
+        ("1 - Heat (1995)", Item("Heat", 1995)),
+        ("1 – Heat (1995)", Item("Heat", 1995)),
+        ("(1) Heat (1995)", Item("Heat", 1995)),
+        ("( 1 ) Heat (1995)", Item("Heat", 1995)),
+        ("#1 Heat", Item("Heat", None)),
+        ("#1: Heat (1995)", Item("Heat", 1995)),
+        ("- Heat", Item("Heat", None)),
+        ("* Heat", Item("Heat", None)),
+        ("+ Heat (1995)", Item("Heat", 1995)),
+        ("> 1. Heat (1995)", Item("Heat", 1995)),
+        ("1.\tHeat (1995)", Item("Heat", 1995)),
+        ("1.\u00a0Heat (1995)", Item("Heat", 1995)),
+        # emphasis is removed at the ends only
+        ("**Heat (1995)**", Item("Heat", 1995)),
+        ("**1. Heat (1995)**", Item("Heat", 1995)),
+        ("__Heat__ (1995)", Item("Heat", 1995)),
+        ("*Heat* (1995)", Item("Heat", 1995)),
+        ("Heat **(1995)**", Item("Heat", 1995)),
+        ("Don't F**k with Cats: Hunting an Internet Killer (2019)",
+         Item("Don't F**k with Cats: Hunting an Internet Killer", 2019)),
+        ("1. **Don't F**k with Cats** (2019)", Item("Don't F**k with Cats", 2019)),
+        ("B*A*P*S (1997)", Item("B*A*P*S", 1997)),
+        ("*M*A*S*H* (1970)", Item("M*A*S*H", 1970)),
+        ("- **M*A*S*H** (1970)", Item("M*A*S*H", 1970)),
+        ("1.", None),
+        ("**", None),
+        ("1. 2. 3.", None),
+    ],
+)
+def test_parse_line_titles_with_digits_and_emphasis(line, expected):
+    assert parse_line(line) == expected
+
+
+@pytest.mark.parametrize(
+    "line, expected",
+    [
+        ("1. " * 350_000 + "Heat (1995)", Item("Heat", 1995)),
+        ('" ' * 500_000 + "Heat (1995)", Item("Heat", 1995)),
+        ("* _ " * 250_000 + "Heat (1995)", Item("Heat", 1995)),
+        ("(1) " * 250_000 + "Heat (1995)", Item("Heat", 1995)),
+        ("1." * 500_000 + " (1995)", Item("1." * 500_000, 1995)),
+        ("(" * 500_000 + "Heat" + ")" * 500_000, Item("(" * 500_000 + "Heat" + ")" * 500_000, None)),
+        ("(" * 1_000_000, None),
+    ],
+    ids=["numbering", "quotes", "emphasis", "parenthesised-numbering", "numbering-without-space", "nested",
+         "brackets"],
+)
+def test_megabyte_adversarial_line_parses(line, expected):
+    """One megabyte of markers: a quadratic parser needs minutes here (seconds per 100 kB)."""
+    assert len(line) >= 1_000_000
+    assert parse_line(line) == expected
+
+
+def test_megabyte_adversarial_list_keeps_positions():
+    text = ("1. " * 1000 + "Heat (1995)\n") * 335
+    assert len(text) >= 1_000_000
+    parsed = parse_list(text)
+    assert len(parsed) == 336
+    assert all(line.item == Item("Heat", 1995) for line in parsed[:335]) and parsed[335].item is None
+
+
 def test_positions_are_raw_lines_blank_lines_included():
     text = "Heat (1995)\n\n2. Alien (1979)\nSure, enjoy!\n"
     parsed = parse_list(text)

@@ -1,4 +1,4 @@
-"""Rank rewards, sequence reward and Recall/NDCG against hand-computed values and rank_grpo.md §1.10."""
+"""Rank rewards, sequence reward and Recall/NDCG against hand-computed values and docs/rank_grpo.md §8."""
 
 import math
 
@@ -13,13 +13,13 @@ HITS_EXAMPLE_A = np.array([[1, 0, 0], [0, 1, 0], [0, 0, 0], [1, 1, 0]])
 
 
 def group_advantages(rewards: np.ndarray) -> np.ndarray:
-    """Per-rank group normalisation (reference §1.4): unbiased std, + 1e-4 on the std."""
+    """Per-rank group normalisation (docs/rank_grpo.md §4): unbiased std, + 1e-4 on the std."""
     mean = rewards.mean(axis=0)
     std = rewards.std(axis=0, ddof=1)
     return (rewards - mean) / (std + 1e-4)
 
 
-def test_discounts_match_reference():
+def test_discounts_match_hand_values():
     np.testing.assert_allclose(discounts(3), [1.0, 0.630930, 0.5], atol=1e-6)
 
 
@@ -151,6 +151,18 @@ def test_metrics_year_boundary():
     assert evaluate_list("Heat (1998)", example, catalog)["recall@5"] == 0.0
     assert evaluate_list("Heat (1992)", example, catalog)["recall@5"] == 0.0
     assert evaluate_list("Heat", example, catalog)["recall@5"] == 0.0  # no year: never a hit
+
+
+def test_metrics_keep_titles_with_and_without_article_apart():
+    catalog = Catalog([Item("Fall", 2022), Item("The Fall", 2022), Item("Heat", 1995)])
+    example = RecExample("x", [], groundtruth=[Item("The Fall", 2022)], seen=[Item("Fall", None)])
+    # the seen "Fall" is compacted away, "The Fall" is not: it is the hit at compacted position 0
+    metrics = evaluate_list("Fall (2022)\nThe Fall (2022)\nHeat (1995)", example, catalog, ks=(5,))
+    assert metrics["recall@5"] == 1.0 and metrics["ndcg@5"] == pytest.approx(1.0)
+    # "Fall" is a different movie: not a hit for the ground truth "The Fall"
+    unseen = RecExample("y", [], groundtruth=[Item("The Fall", 2022)], seen=[])
+    metrics = evaluate_list("Fall (2022)\nHeat (1995)\nThe Fall (2022)", unseen, catalog, ks=(5,))
+    assert metrics["recall@5"] == 1.0 and metrics["ndcg@5"] == pytest.approx(dcg([2]) / idcg(1))
 
 
 def test_metrics_accept_items_and_empty_groundtruth():

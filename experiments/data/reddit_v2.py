@@ -6,7 +6,7 @@ Layout (one of, per split; the first found wins)::
     <data_dir>/reddit-v2/train/, validation/, test/                    datasets.save_to_disk folders
     <data_dir>/reddit-v2/catalog.tsv                                   "title<TAB>year" with a header line
 
-Fields of each record (reference rank_grpo.md §4):
+Fields of each record (docs/rank_grpo.md §6):
 
 * ``prompt``: ``[{"role": "user", "content": ...}]`` -> ``RecExample.messages``;
 * ``completion`` (SFT split only): ``[{"role": "assistant", "content": "Title (Year)\\n..."}]``
