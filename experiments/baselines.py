@@ -21,19 +21,23 @@ Protocol (the same for all three, and the same as for LLM outputs):
 ``run_baselines`` writes ``eval.json`` ({model: {"recall@5": .., ...}}) and
 ``baselines.json`` (chosen hyper-parameters, validation scores of every
 candidate, dataset statistics), prints a table and returns the eval dict.
+
+Scores are computed ``SCORING_CHUNK_SIZE`` histories at a time, so that tens of
+thousands of dense training requests never need one [examples, items] matrix.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 
-from experiments.data.common import RecExample
+from experiments.data.common import DataError, RecExample
 from experiments.data.movielens import MovieLensConversations, format_statistics, load_movielens
 from rewards.catalog import Item
 from rewards.lists import format_list
@@ -44,6 +48,7 @@ EASE_L2_GRID_QUICK = (100.0, 500.0)
 KNN_NEIGHBOUR_GRID = (10, 20, 50, 100, 200, 400, 800)
 KNN_NEIGHBOUR_GRID_QUICK = (50, 200)
 SELECTION_METRIC = "ndcg@10"
+SCORING_CHUNK_SIZE = 1024  # histories scored per matrix product: [1024, items] float32, ~7 MB on ML-100K
 
 
 class ItemScorer:
@@ -189,7 +194,7 @@ class EASERecommender(ItemScorer):
 # --------------------------------------------------------------------------- lists and teacher demonstrations
 #
 # SFT demonstrations without a blackbox LLM. ConvRec-R1's stage 1 (Remap-Reflect-Adjust,
-# rank_grpo.md §3) asks GPT-4o for a list, then (Remap) grounds it in the catalog by
+# docs/rank_grpo.md §7) asks GPT-4o for a list, then (Remap) grounds it in the catalog by
 # embedding similarity, (Reflect) re-scores the top candidates with the teacher as a judge,
 # and (Adjust) corrects popularity bias with item-wise weights fit on the training ground
 # truth; the top N become "Title (Year)" lines. Here an EASE model fit on the training
@@ -206,6 +211,20 @@ class EASERecommender(ItemScorer):
 # no trailing newline, EOS right after the last item.
 
 
+def scored_examples(
+    model: ItemScorer, examples: Sequence[RecExample], chunk_size: int | None = None
+) -> Iterator[tuple[RecExample, np.ndarray]]:
+    """(example, scores [num_items]) for every example, scored ``chunk_size`` histories at a time
+    (default ``SCORING_CHUNK_SIZE``)."""
+    chunk_size = SCORING_CHUNK_SIZE if chunk_size is None else chunk_size
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    for start in range(0, len(examples), chunk_size):
+        chunk = examples[start:start + chunk_size]
+        chunk_scores = model.batch_scores([example.history_item_ids for example in chunk])  # [chunk, items]
+        yield from zip(chunk, chunk_scores)
+
+
 def items_from_scores(
     scores: np.ndarray, exclude_item_ids: Iterable[int], conversations: MovieLensConversations, n: int
 ) -> list[Item]:
@@ -215,15 +234,16 @@ def items_from_scores(
     id is skipped, as it would be a duplicate line, and the twin of an excluded
     (seen) id is excluded too.
     """
+    recommendable = conversations.recommendable_items
     exclude = set(exclude_item_ids)
-    excluded_items = {conversations.item_of(item_id) for item_id in exclude if conversations.recommendable(item_id)}
+    excluded_items = {recommendable[item_id] for item_id in exclude if item_id in recommendable}
     exclude.update(conversations.unrecommendable_item_ids)
     requested = n + len(excluded_items) + 20
     while True:
         item_ids = top_k_item_ids(scores, requested, exclude)
         items: list[Item] = []
         for item_id in item_ids:
-            item = conversations.item_of(item_id)
+            item = recommendable[item_id]
             if item in excluded_items or item in items:
                 continue
             items.append(item)
@@ -262,14 +282,10 @@ def attach_demonstrations(
 ) -> None:
     """Set ``example.demonstration`` from the teacher for every example (in place).
 
-    Scores are computed for all examples in one batched matrix product.
+    Scores are computed in chunks of ``SCORING_CHUNK_SIZE`` examples (``scored_examples``).
     """
-    examples = list(examples)
-    if not examples:
-        return
     n = conversations.list_length if n is None else n
-    all_scores = teacher.batch_scores([example.history_item_ids for example in examples])  # [E, items]
-    for example, scores in zip(examples, all_scores):
+    for example, scores in scored_examples(teacher, list(examples)):
         example.demonstration = format_list(items_from_scores(scores, example.seen_item_ids, conversations, n))
 
 
@@ -288,8 +304,10 @@ def evaluate_model(
     list_length: int,
     ks: Sequence[int] = DEFAULT_KS,
 ) -> dict[str, float]:
-    """Mean Recall@K / NDCG@K of the model's ``Title (Year)`` lists, via the LLM metric code."""
-    all_scores = model.batch_scores([example.history_item_ids for example in examples])
+    """Mean Recall@K / NDCG@K of the model's ``Title (Year)`` lists, via the LLM metric code.
+
+    Scores are computed in chunks of ``SCORING_CHUNK_SIZE`` examples (``scored_examples``).
+    """
     return mean_metrics(
         evaluate_list(
             items_from_scores(scores, example.seen_item_ids, conversations, list_length),
@@ -297,7 +315,7 @@ def evaluate_model(
             conversations.catalog,
             ks,
         )
-        for scores, example in zip(all_scores, examples)
+        for example, scores in scored_examples(model, list(examples))
     )
 
 
@@ -386,7 +404,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="small hyper-parameter grids")
     parser.add_argument("--list-length", type=int, default=20, help="recommendations per list (N)")
     arguments = parser.parse_args(argv)
-    run_baselines(Path(arguments.out), arguments.data_dir, arguments.quick, arguments.list_length)
+    try:
+        run_baselines(Path(arguments.out), arguments.data_dir, arguments.quick, arguments.list_length)
+    except DataError as error:  # missing, incomplete or malformed data, offline download: one line, exit code 2
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

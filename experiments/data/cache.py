@@ -15,7 +15,13 @@ Two sources are tried in order:
    atomic files are read out of the wheel with ``zipfile`` and each verified by
    its own SHA-256.
 
-When both fail (offline), ``MovieLensDownloadError`` says where to put the files.
+Every download says where it fetches from and where it writes (on stderr, always)
+and shows a tqdm bar (when ``progress``).  When both sources fail (offline),
+``MovieLensDownloadError``, a ``DataError``, says in one line where to put the files.
+
+The file fingerprint (``fingerprint_digests``) is the SHA-256 of the lines
+``"<file name>\\t<sha256 of the file>\\n"`` sorted by name: it changes exactly
+when a file that was read changes, and not when the data folder moves.
 """
 
 from __future__ import annotations
@@ -28,9 +34,12 @@ import tempfile
 import urllib.error
 import urllib.request
 import zipfile
+from collections.abc import Mapping
 from pathlib import Path
 
 from tqdm import tqdm
+
+from experiments.data.common import DataError
 
 GROUPLENS_ZIP_URL = "https://files.grouplens.org/datasets/movielens/ml-100k.zip"
 GROUPLENS_ZIP_MD5 = "0e33842e24a9c977be4e0107933c0723"
@@ -50,12 +59,17 @@ RECBOLE_FILE_SHA256 = {
 }
 
 
-class MovieLensDownloadError(RuntimeError):
+class MovieLensDownloadError(DataError):
     """MovieLens-100K could not be obtained; the message says where to put the files."""
 
 
-class ChecksumError(RuntimeError):
+class ChecksumError(DataError):
     """A downloaded file does not have the expected checksum."""
+
+
+def announce(message: str) -> None:
+    """One ``[recrl]`` line on stderr (downloads always say what they do, whatever ``progress`` is)."""
+    print(f"[recrl] {message}", file=sys.stderr, flush=True)
 
 
 def file_digest(path: Path, algorithm: str = "sha256") -> str:
@@ -65,6 +79,12 @@ def file_digest(path: Path, algorithm: str = "sha256") -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def fingerprint_digests(digests: Mapping[str, str]) -> str:
+    """SHA-256 over ``"name\\tdigest\\n"`` lines sorted by name (module docstring)."""
+    lines = "".join(f"{name}\t{digest}\n" for name, digest in sorted(digests.items()))
+    return hashlib.sha256(lines.encode("utf-8")).hexdigest()
 
 
 def verify_checksum(path: Path, expected: str, algorithm: str = "sha256") -> None:
@@ -94,6 +114,7 @@ def fetch_from_grouplens(cache: Path, progress: bool = True) -> Path:
     """Download and verify the GroupLens archive, extract the needed files to ``<cache>/ml-100k``."""
     archive = cache / "downloads" / "ml-100k.zip"
     if not archive.is_file():
+        announce(f"downloading {GROUPLENS_ZIP_URL} -> {archive}")
         download_url(GROUPLENS_ZIP_URL, archive, progress=progress)
     try:
         verify_checksum(archive, GROUPLENS_ZIP_MD5, "md5")
@@ -104,6 +125,7 @@ def fetch_from_grouplens(cache: Path, progress: bool = True) -> Path:
         raise
     target = cache / "ml-100k"
     target.mkdir(parents=True, exist_ok=True)
+    announce(f"extracting {', '.join(Path(member).name for member in GROUPLENS_MEMBERS)} -> {target}")
     with zipfile.ZipFile(archive) as bundle:
         names = set(bundle.namelist())
         for member in tqdm(GROUPLENS_MEMBERS, desc="extract ml-100k", disable=not progress):
@@ -119,6 +141,7 @@ def extract_recbole_wheel(wheel: Path, cache: Path, progress: bool = True) -> Pa
     verify_checksum(wheel, RECBOLE_WHEEL_SHA256, "sha256")
     target = cache / "ml-100k"
     target.mkdir(parents=True, exist_ok=True)
+    announce(f"extracting {', '.join(sorted(RECBOLE_FILE_SHA256))} from {wheel.name} -> {target}")
     with zipfile.ZipFile(wheel) as bundle:
         for file_name, expected in tqdm(
             sorted(RECBOLE_FILE_SHA256.items()), desc="extract ml-100k from recbole wheel", disable=not progress
@@ -148,8 +171,7 @@ def fetch_from_recbole_wheel(cache: Path, progress: bool = True) -> Path:
                 sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
                 "--disable-pip-version-check", "--dest", staging, RECBOLE_REQUIREMENT,
             ]
-            if progress:
-                print(f"[recrl] {' '.join(command[2:])}", file=sys.stderr)
+            announce(f"{' '.join(command[2:])} (from the Python package index configured for pip) -> {wheel}")
             result = subprocess.run(command, capture_output=not progress, text=True, timeout=600)
             if result.returncode != 0:
                 raise MovieLensDownloadError(
@@ -168,10 +190,11 @@ def fetch_from_recbole_wheel(cache: Path, progress: bool = True) -> Path:
 
 
 def where_to_put_files_message(searched: list[Path], cache: Path) -> str:
+    """One line: where recrl looked, and where to put the files (or how to download them)."""
     searched_text = ", ".join(str(directory / "ml-100k") for directory in searched)
     return (
-        "MovieLens-100K was not found and could not be downloaded.\n"
-        f"Searched: {searched_text}.\n"
+        "MovieLens-100K was not found and could not be downloaded. "
+        f"Searched: {searched_text}. "
         "Fix: put either the RecBole atomic files ml-100k.inter, ml-100k.item (and .user/.kg/.link) "
         "or the GroupLens files u.data and u.item (from "
         f"{GROUPLENS_ZIP_URL}) into <DATA_DIR>/ml-100k/, and pass --data-dir DATA_DIR or set "
@@ -185,15 +208,16 @@ def download_movielens_100k(cache: Path, searched: list[Path] | None = None, pro
     Raises:
         MovieLensDownloadError: both sources failed (the message says where to put the files).
     """
+    announce(f"MovieLens-100K not found; downloading it into {cache / 'ml-100k'}")
     failures: list[str] = []
     for name, fetch in (("GroupLens archive", fetch_from_grouplens), ("recbole 1.2.1 wheel", fetch_from_recbole_wheel)):
         try:
             return fetch(cache, progress=progress)
         except (urllib.error.URLError, OSError, subprocess.SubprocessError, MovieLensDownloadError,
                 ChecksumError, zipfile.BadZipFile) as error:
-            failures.append(f"{name}: {error}")
-            if progress:
-                print(f"[recrl] {name} failed: {error}", file=sys.stderr)
+            reason = " ".join(str(error).split())  # one line
+            failures.append(f"{name}: {reason}")
+            announce(f"{name} failed: {reason}")
     raise MovieLensDownloadError(
-        where_to_put_files_message(searched or [cache], cache) + "\nDownload attempts: " + " | ".join(failures)
+        where_to_put_files_message(searched or [cache], cache) + " Download attempts: " + " | ".join(failures)
     )

@@ -1,10 +1,13 @@
 """The data contract shared by every recommendation dataset, and the data-directory lookup.
 
-Data directory lookup order (first that is set wins):
+Data directory lookup:
 
-1. the ``data_dir`` argument (``--data-dir`` on the command line),
-2. the environment variable ``RECRL_DATA_DIR``,
-3. the cache ``~/.cache/recrl`` (or ``$RECRL_CACHE_DIR``; downloads go here).
+* an explicit ``data_dir`` argument (``--data-dir`` on the command line) is the
+  only directory searched: when it holds no data set, loading fails with a
+  ``DataError`` naming it and the expected layout (no fallback, no download);
+* without one, the environment variable ``RECRL_DATA_DIR`` (when set) and then
+  the cache ``~/.cache/recrl`` (or ``$RECRL_CACHE_DIR``; downloads go here) are
+  searched in that order.
 
 Layout inside a data directory::
 
@@ -86,6 +89,11 @@ class RecData:
         statistics: dataset statistics (counts, lengths), JSON-serialisable.
         movielens: the MovieLens conversational set (interaction matrices, item
             titles) when ``source == "movielens-100k"``, else None.
+        fingerprint: SHA-256 over the names and SHA-256 digests of the data
+            files that were read (``experiments.data.cache.fingerprint_digests``);
+            it identifies the data, not the examples built from it (part of an
+            SFT cache key together with the building options).  Empty for data
+            built in memory.
     """
 
     train: list[RecExample]
@@ -96,6 +104,7 @@ class RecData:
     list_length: int
     statistics: dict[str, Any] = field(default_factory=dict)
     movielens: Any = None
+    fingerprint: str = ""
 
 
 def cache_dir() -> Path:
@@ -111,19 +120,25 @@ def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
 
     The directory is not required to exist (a download may create it).
     """
-    if data_dir is not None and str(data_dir) != "":
-        return Path(data_dir).expanduser()
-    from_environment = os.environ.get(DATA_DIR_ENVIRONMENT_VARIABLE, "")
-    if from_environment:
-        return Path(from_environment).expanduser()
-    return cache_dir()
+    return candidate_data_dirs(data_dir)[0]
+
+
+def explicit_data_dir(data_dir: str | os.PathLike | None) -> Path | None:
+    """``data_dir`` as a path when one was given (not None, not ""), else None."""
+    if data_dir is None or str(data_dir) == "":
+        return None
+    return Path(data_dir).expanduser()
 
 
 def candidate_data_dirs(data_dir: str | os.PathLike | None = None) -> list[Path]:
-    """Every directory to search, in lookup order, without duplicates (the cache is always last)."""
+    """Every directory to search, in lookup order, without duplicates.
+
+    ``[data_dir]`` alone when it is given; else ``$RECRL_DATA_DIR`` (when set) and the cache.
+    """
+    explicit = explicit_data_dir(data_dir)
+    if explicit is not None:
+        return [explicit]
     candidates: list[Path] = []
-    if data_dir is not None and str(data_dir) != "":
-        candidates.append(Path(data_dir).expanduser())
     from_environment = os.environ.get(DATA_DIR_ENVIRONMENT_VARIABLE, "")
     if from_environment:
         candidates.append(Path(from_environment).expanduser())

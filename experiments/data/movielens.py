@@ -11,6 +11,22 @@ Read from ``<data_dir>/ml-100k/``, RecBole atomic files first, then the GroupLen
 * ``ml-100k.link`` (item -> Freebase entity) and ``ml-100k.kg`` (triples),
   optional and read only on request (``load_knowledge_graph``).
 
+The search is the one of ``experiments.data.common`` (an explicit ``data_dir``
+is the only place searched; otherwise ``$RECRL_DATA_DIR``, then the cache, then
+a download into the cache).
+
+Integrity
+---------
+Every file that is read is checked against the record counts of the
+MovieLens-100K release (Harper & Konstan 2015, the GroupLens README):
+100,000 ratings by 943 users on 1,682 items; the RecBole link and
+knowledge-graph files of RecBole 1.2.1 hold 1,598 links and 91,631 triples.
+A truncated or foreign file is a ``DataError`` naming the file, the expected
+and the found counts and the fix; ``verify=False`` turns the check off for
+small hand-made fixtures (tests) and is never used by the command line.  The
+SHA-256 of every file read is kept (``MovieLensRatings.file_digests``) and
+summarised in ``MovieLensRatings.fingerprint``.
+
 Titles are written as people write them: a trailing article moves to the front
 ("Shawshank Redemption, The" -> "The Shawshank Redemption", also ", A", ", An",
 ", Les", ", La", ", Il", ", Das", ...), and a parenthesised alternative title is
@@ -43,10 +59,15 @@ time-ordered interactions before it) has
 * ground truth = the liked movies in the target window after the cutoff.
 
 Test: c = n_train + n_val, window = the test part.  Validation: c = n_train,
-window = the validation part.  Training: ``train_cuts_per_user`` cut points
-spread evenly over [min_history, n_train - w] with the window w = n_test
-interactions, all inside the train part.  Examples with an empty ground truth
-are skipped.  Everything is deterministic.
+window = the validation part.  Training: cutoffs c in [min_history, n_train - w]
+with the window w = n_test interactions (at least 1), so that every training
+window lies inside the train part and looks like a test window;
+``train_cuts_per_user = k`` takes k cut points spread evenly over that range,
+``train_cuts_per_user = None`` takes every cutoff in it (dense requests: each
+prefix of the training history, "history so far -> the next liked items").
+Examples with an empty ground truth (or no movie to show) are skipped.  The
+validation and test examples do not depend on ``train_cuts_per_user``.
+Everything is deterministic.
 """
 
 from __future__ import annotations
@@ -59,8 +80,14 @@ from typing import Any
 
 import numpy as np
 
-from experiments.data.cache import download_movielens_100k, where_to_put_files_message
-from experiments.data.common import DataError, RecExample, cache_dir, candidate_data_dirs
+from experiments.data.cache import (
+    RECBOLE_FILE_SHA256,
+    download_movielens_100k,
+    file_digest,
+    fingerprint_digests,
+    where_to_put_files_message,
+)
+from experiments.data.common import DataError, RecExample, cache_dir, candidate_data_dirs, explicit_data_dir
 from rewards.catalog import Catalog, Item, move_trailing_article
 from rewards.lists import format_item
 
@@ -68,6 +95,13 @@ LIKED_RATING = 4.0
 SPLIT_RATIOS = (0.8, 0.1, 0.1)
 MOST_RECENT_LIKED_IN_PROMPT = 10
 SOURCE_NAME = "movielens-100k"
+
+# Record counts of the MovieLens-100K release, per file kind (module docstring, "Integrity").
+ML_100K_RATINGS = {"ratings": 100_000, "users": 943, "items": 1_682}
+ML_100K_ITEMS = {"items": 1_682}
+ML_100K_USERS = {"users": 943}
+ML_100K_LINKS = {"links": 1_598}
+ML_100K_TRIPLES = {"triples": 91_631}
 
 _YEAR_IN_TITLE = re.compile(r"\s*\((\d{4})\)\s*$")
 _TRAILING_PARENTHESISED = re.compile(r"^(?P<body>.*\S)\s*\((?P<inner>[^()]*)\)\s*$")
@@ -103,20 +137,29 @@ class UserProfile:
 
 @dataclass
 class MovieLensRatings:
-    """The raw ML-100K tables. Interaction arrays are in file order."""
+    """The raw ML-100K tables. Interaction arrays are in file order.
+
+    ``file_digests`` maps the name of every file read to its SHA-256.
+    """
 
     user_ids: np.ndarray  # int64 [num_interactions]
-    item_ids: np.ndarray  # int64
-    ratings: np.ndarray  # float32
-    timestamps: np.ndarray  # int64
+    item_ids: np.ndarray  # int64 [num_interactions]
+    ratings: np.ndarray  # float32 [num_interactions]
+    timestamps: np.ndarray  # int64 [num_interactions]
     movies: dict[int, Movie]
     users: dict[int, UserProfile]
     directory: Path
     file_format: str  # "recbole" or "grouplens"
+    file_digests: dict[str, str] = field(default_factory=dict)
 
     @property
     def num_interactions(self) -> int:
         return int(self.user_ids.shape[0])
+
+    @property
+    def fingerprint(self) -> str:
+        """SHA-256 over the names and digests of the files read (``cache.fingerprint_digests``)."""
+        return fingerprint_digests(self.file_digests)
 
 
 # --------------------------------------------------------------------------- titles
@@ -307,8 +350,35 @@ def _read_users(path: Path, separator: str, has_header: bool) -> dict[int, UserP
     return users
 
 
-def load_knowledge_graph(directory: Path) -> tuple[dict[int, str], list[tuple[str, str, str]]]:
-    """Read ``ml-100k.link`` (item id -> Freebase entity) and ``ml-100k.kg`` (head, relation, tail triples)."""
+def _count_text(counts: dict[str, int]) -> str:
+    return ", ".join(f"{value:,} {name}" for name, value in counts.items())
+
+
+def check_record_counts(path: Path, found: dict[str, int], expected: dict[str, int]) -> None:
+    """Raise a ``DataError`` naming the file, both counts and the fix unless ``found == expected``."""
+    if found == expected:
+        return
+    known_digest = RECBOLE_FILE_SHA256.get(path.name)
+    digest_hint = f" (RecBole's {path.name} has sha256 {known_digest})" if known_digest else ""
+    cache_folder = cache_dir() / "ml-100k"
+    if path.parent.resolve() == cache_folder.resolve():
+        fix = f"delete {path.parent} and run again with network access to download ML-100K again"
+    else:
+        fix = (f"copy the complete file there{digest_hint}, or delete {path.parent} and run without --data-dir "
+               f"or $RECRL_DATA_DIR pointing at it, with network access, to download ML-100K into {cache_folder}")
+    raise DataError(
+        f"{path}: found {_count_text(found)}, but MovieLens-100K has {_count_text(expected)}; the file is "
+        f"truncated or not from the ML-100K release. Fix: {fix}"
+    )
+
+
+def load_knowledge_graph(
+    directory: Path, verify: bool = True
+) -> tuple[dict[int, str], list[tuple[str, str, str]]]:
+    """Read ``ml-100k.link`` (item id -> Freebase entity) and ``ml-100k.kg`` (head, relation, tail triples).
+
+    ``verify``: check the record counts of RecBole's ML-100K files (module docstring).
+    """
     directory = Path(directory)
     links: dict[int, str] = {}
     link_path = directory / "ml-100k.link"
@@ -326,30 +396,46 @@ def load_knowledge_graph(directory: Path) -> tuple[dict[int, str], list[tuple[st
         if line.strip():
             head, relation, tail = _split_line(kg_path, line_number, line, "\t", 3)
             triples.append((head, relation, tail))
+    if verify:
+        check_record_counts(link_path, {"links": len(links)}, ML_100K_LINKS)
+        check_record_counts(kg_path, {"triples": len(triples)}, ML_100K_TRIPLES)
     return links, triples
 
 
+MOVIELENS_DATA_FILES = ("ml-100k.inter", "ml-100k.item", "u.data", "u.item")
+EXPECTED_LAYOUT = (
+    "<DATA_DIR>/ml-100k/ml-100k.inter and ml-100k.item (RecBole atomic files, optionally .user/.kg/.link) "
+    "or <DATA_DIR>/ml-100k/u.data and u.item (GroupLens files)"
+)
+
+
 def find_movielens_directory(data_dir: str | Path | None = None) -> Path | None:
-    """The first ``<dir>/ml-100k`` holding RecBole (.inter + .item) or GroupLens (u.data + u.item) files."""
+    """The first searched ``<dir>/ml-100k`` holding any ML-100K rating or item file.
+
+    A folder with only part of a layout is returned too, so that reading it
+    names the missing file instead of skipping it silently.
+    """
     for directory in candidate_data_dirs(data_dir):
         folder = directory / "ml-100k"
-        if (folder / "ml-100k.inter").is_file() and (folder / "ml-100k.item").is_file():
-            return folder
-        if (folder / "u.data").is_file() and (folder / "u.item").is_file():
+        if any((folder / name).is_file() for name in MOVIELENS_DATA_FILES):
             return folder
     return None
 
 
-def read_movielens_directory(folder: Path) -> MovieLensRatings:
-    """Read the ML-100K tables from one folder (RecBole atomic files preferred)."""
+def read_movielens_directory(folder: Path, verify: bool = True) -> MovieLensRatings:
+    """Read the ML-100K tables from one folder (RecBole atomic files preferred).
+
+    ``verify``: check every file's record counts against the ML-100K release
+    (module docstring); ``False`` only for small hand-made fixtures.
+    """
     folder = Path(folder)
     if (folder / "ml-100k.inter").is_file() or (folder / "ml-100k.item").is_file():
         for name in ("ml-100k.inter", "ml-100k.item"):
             if not (folder / name).is_file():
                 raise DataError(f"{folder / name}: missing; RecBole atomic files need both ml-100k.inter and ml-100k.item")
-        user_ids, item_ids, ratings, timestamps = read_recbole_interactions(folder / "ml-100k.inter")
-        movies = read_recbole_items(folder / "ml-100k.item")
-        user_path = folder / "ml-100k.user"
+        interaction_path, item_path, user_path = (folder / f"ml-100k.{kind}" for kind in ("inter", "item", "user"))
+        user_ids, item_ids, ratings, timestamps = read_recbole_interactions(interaction_path)
+        movies = read_recbole_items(item_path)
         users = _read_users(user_path, "\t", has_header=True) if user_path.is_file() else {}
         file_format = "recbole"
     else:
@@ -359,29 +445,55 @@ def read_movielens_directory(folder: Path) -> MovieLensRatings:
                     f"{folder / name}: missing; put the RecBole files ml-100k.inter/.item or the GroupLens files "
                     f"u.data/u.item into {folder}"
                 )
-        user_ids, item_ids, ratings, timestamps = read_grouplens_interactions(folder / "u.data")
-        movies = read_grouplens_items(folder / "u.item")
-        user_path = folder / "u.user"
+        interaction_path, item_path, user_path = (folder / name for name in ("u.data", "u.item", "u.user"))
+        user_ids, item_ids, ratings, timestamps = read_grouplens_interactions(interaction_path)
+        movies = read_grouplens_items(item_path)
         users = _read_users(user_path, "|", has_header=False) if user_path.is_file() else {}
         file_format = "grouplens"
+    if verify:
+        found = {"ratings": int(user_ids.shape[0]), "users": int(np.unique(user_ids).shape[0]),
+                 "items": int(np.unique(item_ids).shape[0])}
+        check_record_counts(interaction_path, found, ML_100K_RATINGS)
+        check_record_counts(item_path, {"items": len(movies)}, ML_100K_ITEMS)
+        if user_path.is_file():
+            check_record_counts(user_path, {"users": len(users)}, ML_100K_USERS)
     unknown_items = sorted(set(np.unique(item_ids).tolist()) - set(movies))
     if unknown_items:
         raise DataError(
             f"{folder}: interactions name item ids missing from the item file, e.g. {unknown_items[:5]}; "
             "the interaction and item files do not belong together"
         )
-    return MovieLensRatings(user_ids, item_ids, ratings, timestamps, movies, users, folder, file_format)
+    read_paths = [path for path in (interaction_path, item_path, user_path) if path.is_file()]
+    digests = {path.name: file_digest(path) for path in read_paths}
+    return MovieLensRatings(user_ids, item_ids, ratings, timestamps, movies, users, folder, file_format, digests)
 
 
-def load_movielens_ratings(data_dir: str | Path | None = None, download: bool = True, progress: bool = True) -> MovieLensRatings:
-    """Find (or download into the cache) and read ML-100K."""
+def load_movielens_ratings(
+    data_dir: str | Path | None = None, download: bool = True, progress: bool = True, verify: bool = True
+) -> MovieLensRatings:
+    """Find and read ML-100K; without an explicit ``data_dir``, download it into the cache when missing.
+
+    Raises:
+        DataError: an explicit ``data_dir`` holds no ML-100K folder; nothing was found
+            and ``download`` is off or the download failed (offline); a file is malformed
+            or (``verify``) has the wrong record counts.
+    """
     folder = find_movielens_directory(data_dir)
     if folder is None:
+        explicit = explicit_data_dir(data_dir)
+        if explicit is not None:
+            state = "does not exist" if not explicit.is_dir() else "holds no MovieLens-100K files"
+            layout = EXPECTED_LAYOUT.replace("<DATA_DIR>", str(explicit))
+            raise DataError(
+                f"data directory {explicit} {state}; expected {layout}. "
+                "Fix: point --data-dir at the folder that contains ml-100k/, or omit it to use $RECRL_DATA_DIR "
+                f"or the cache {cache_dir()} (downloaded when missing)"
+            )
         searched = candidate_data_dirs(data_dir)
         if not download:
             raise DataError(where_to_put_files_message(searched, cache_dir()))
         folder = download_movielens_100k(cache_dir(), searched=searched, progress=progress)
-    return read_movielens_directory(folder)
+    return read_movielens_directory(folder, verify=verify)
 
 
 # --------------------------------------------------------------------------- split
@@ -513,6 +625,11 @@ class MovieLensConversations:
         return movie is not None and movie.year is not None
 
     @functools.cached_property
+    def recommendable_items(self) -> dict[int, Item]:
+        """Item id -> ``Item`` for every recommendable item (one shared ``Item`` per id)."""
+        return {item_id: movie.item for item_id, movie in self.ratings.movies.items() if movie.year is not None}
+
+    @functools.cached_property
     def unrecommendable_item_ids(self) -> frozenset[int]:
         """Matrix columns that are not recommendable items (column 0 and items without a year)."""
         return frozenset(item_id for item_id in range(self.num_item_columns) if not self.recommendable(item_id))
@@ -536,6 +653,7 @@ class MovieLensConversations:
 def _example(
     timeline: UserTimeline,
     movies: dict[int, Movie],
+    items: dict[int, Item],
     users: dict[int, UserProfile],
     split: str,
     cutoff: int,
@@ -543,11 +661,16 @@ def _example(
     list_length: int,
     identifier: str,
 ) -> RecExample | None:
+    """The example at one cutoff (module docstring), or None when it has no ground truth or nothing to show.
+
+    ``items`` maps every recommendable item id to one shared ``Item`` (dense
+    training sets hold millions of references to them).
+    """
     history_ids = timeline.item_ids[:cutoff]
     recommendable_history = [
         (item_id, rating)
         for item_id, rating in zip(history_ids, timeline.ratings[:cutoff])
-        if movies[item_id].year is not None
+        if item_id in items
     ]
     liked_history = [item_id for item_id, rating in recommendable_history if rating >= LIKED_RATING]
     shown_ids = liked_history or [item_id for item_id, _ in recommendable_history]
@@ -555,7 +678,7 @@ def _example(
     groundtruth_ids = [
         item_id
         for item_id, rating in zip(timeline.item_ids[cutoff:window_end], timeline.ratings[cutoff:window_end])
-        if rating >= LIKED_RATING and movies[item_id].year is not None
+        if rating >= LIKED_RATING and item_id in items
     ]
     if not shown_ids or not groundtruth_ids:
         return None
@@ -565,8 +688,8 @@ def _example(
     return RecExample(
         id=identifier,
         messages=[{"role": "user", "content": text}],
-        groundtruth=[movies[item_id].item for item_id in groundtruth_ids],
-        seen=[movies[item_id].item for item_id in seen_ids if movies[item_id].year is not None],
+        groundtruth=[items[item_id] for item_id in groundtruth_ids],
+        seen=[items[item_id] for item_id in seen_ids if item_id in items],
         demonstration=None,
         split=split,
         user_id=timeline.user_id,
@@ -577,18 +700,26 @@ def _example(
     )
 
 
-def training_cutoffs(timeline: UserTimeline, cuts_per_user: int, min_history: int) -> list[tuple[int, int]]:
-    """(cutoff, window end) pairs inside the train part, evenly spread, latest last.
+def training_cutoffs(timeline: UserTimeline, cuts_per_user: int | None, min_history: int) -> list[tuple[int, int]]:
+    """(cutoff, window end) pairs inside the train part, ascending.
 
     The window has n_test interactions (at least 1) so that training targets
-    resemble test targets; cutoff + window <= n_train.
+    resemble test targets; cutoff + window <= n_train.  The cutoffs range over
+    [min(min_history, highest), highest] (at least 1), highest = n_train - window:
+    ``cuts_per_user`` evenly spread points of it (rounded, duplicates merged),
+    or all of it when ``cuts_per_user`` is None.
     """
+    if cuts_per_user is not None and cuts_per_user < 0:
+        raise ValueError(f"train_cuts_per_user must be >= 0 or None (every cutoff), got {cuts_per_user}")
     window = max(1, timeline.num_test)
     highest = timeline.num_train - window
-    lowest = min(min_history, highest)
-    if cuts_per_user <= 0 or highest < 1:
+    lowest = max(1, min(min_history, highest))
+    if cuts_per_user == 0 or highest < 1:
         return []
-    cutoffs = sorted(set(np.linspace(max(1, lowest), highest, num=cuts_per_user).round().astype(int).tolist()))
+    if cuts_per_user is None:
+        cutoffs = list(range(lowest, highest + 1))
+    else:
+        cutoffs = sorted(set(np.linspace(lowest, highest, num=cuts_per_user).round().astype(int).tolist()))
     return [(cutoff, cutoff + window) for cutoff in cutoffs]
 
 
@@ -608,30 +739,35 @@ def build_catalog(movies: dict[int, Movie]) -> Catalog:
 def build_conversations(
     ratings: MovieLensRatings,
     list_length: int = 10,
-    train_cuts_per_user: int = 3,
+    train_cuts_per_user: int | None = 3,
     min_history: int = 5,
 ) -> MovieLensConversations:
-    """Split per user and turn every cutoff into a ``RecExample`` (rules in the module docstring)."""
+    """Split per user and turn every cutoff into a ``RecExample`` (rules in the module docstring).
+
+    ``train_cuts_per_user``: training cutoffs per user, or None for every usable
+    cutoff of the train part (65,582 instead of 2,584 training requests on ML-100K).
+    """
     if list_length < 1:
         raise ValueError(f"list_length must be >= 1, got {list_length}")
     timelines = user_timelines(ratings)
     movies, users = ratings.movies, ratings.users
+    items = {item_id: movie.item for item_id, movie in movies.items() if movie.year is not None}
     train: list[RecExample] = []
     val: list[RecExample] = []
     test: list[RecExample] = []
     for timeline in timelines:
         user = timeline.user_id
         for cutoff, window_end in training_cutoffs(timeline, train_cuts_per_user, min_history):
-            example = _example(timeline, movies, users, "train", cutoff, window_end, list_length,
+            example = _example(timeline, movies, items, users, "train", cutoff, window_end, list_length,
                                f"ml-100k/train/user-{user}/cut-{cutoff}")
             if example is not None:
                 train.append(example)
-        example = _example(timeline, movies, users, "val", timeline.train_end, timeline.val_end, list_length,
+        example = _example(timeline, movies, items, users, "val", timeline.train_end, timeline.val_end, list_length,
                            f"ml-100k/val/user-{user}")
         if example is not None:
             val.append(example)
-        example = _example(timeline, movies, users, "test", timeline.val_end, len(timeline.item_ids), list_length,
-                           f"ml-100k/test/user-{user}")
+        example = _example(timeline, movies, items, users, "test", timeline.val_end, len(timeline.item_ids),
+                           list_length, f"ml-100k/test/user-{user}")
         if example is not None:
             test.append(example)
     conversations = MovieLensConversations(
@@ -657,6 +793,7 @@ def movielens_statistics(conversations: MovieLensConversations) -> dict[str, Any
     statistics: dict[str, Any] = {
         "source": SOURCE_NAME,
         "files": f"{ratings.directory} ({ratings.file_format})",
+        "fingerprint": ratings.fingerprint,
         "users": len(conversations.timelines),
         "items": len(ratings.movies),
         "catalog_items": len(conversations.catalog),
@@ -695,10 +832,11 @@ def format_statistics(statistics: dict[str, Any]) -> str:
 def load_movielens(
     data_dir: str | Path | None = None,
     list_length: int = 10,
-    train_cuts_per_user: int = 3,
+    train_cuts_per_user: int | None = 3,
     download: bool = True,
     progress: bool = True,
+    verify: bool = True,
 ) -> MovieLensConversations:
-    """Load ML-100K (downloading into the cache when missing) and build the conversational set."""
-    ratings = load_movielens_ratings(data_dir, download=download, progress=progress)
+    """Load ML-100K (``load_movielens_ratings``) and build the conversational set (``build_conversations``)."""
+    ratings = load_movielens_ratings(data_dir, download=download, progress=progress, verify=verify)
     return build_conversations(ratings, list_length=list_length, train_cuts_per_user=train_cuts_per_user)
