@@ -5,7 +5,9 @@ A checkpoint `checkpoints/step_N/` holds everything the next step depends on:
     model.safetensors, config.json, tokenizer files   (save_pretrained layout: loadable by transformers)
     optimizer.pt         optimizer and LR-scheduler state
     rng_state.pt         python, numpy and torch RNG states, and the sampler's torch.Generator
-    trainer_state.json   step, data cursor, and anything else the trainer needs
+    components.pt        the state of the strategy (its own parameters, e.g. a head, and any
+                         other state, e.g. a curriculum) and of the task (e.g. an item table)
+    trainer_state.json   step, prompt source, and anything else the trainer needs
 
 It is first written to `checkpoints/.tmp_step_N/` and renamed to `step_N` only when
 complete, so a crash mid-write never leaves a directory that looks complete. Only
@@ -23,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from engine.logprobs import unwrap_model
 
 CHECKPOINT_PATTERN = re.compile(r"^step_(\d+)$")
 
@@ -58,6 +62,7 @@ def save_checkpoint(
     scheduler,
     generator: torch.Generator | None,
     trainer_state: dict,
+    components: dict | None = None,
     keep_last: int | None = None,
 ) -> Path:
     """Write `run_dir/checkpoints/step_<step>` atomically and return its path."""
@@ -68,11 +73,12 @@ def save_checkpoint(
     if temporary.exists():
         shutil.rmtree(temporary)
     temporary.mkdir()
-    model.save_pretrained(temporary, safe_serialization=True)
+    unwrap_model(model).save_pretrained(temporary, safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(temporary)
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, temporary / "optimizer.pt")
     torch.save(capture_rng_state(generator), temporary / "rng_state.pt")
+    torch.save(components or {}, temporary / "components.pt")
     (temporary / "trainer_state.json").write_text(json.dumps({"step": step, **trainer_state}, indent=2))
     _fsync_directory(temporary)
     if final.exists():  # re-saving the same step (e.g. after a resume): replace it
@@ -101,12 +107,13 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 def load_checkpoint(
     checkpoint: Path, model, optimizer: torch.optim.Optimizer, scheduler, generator: torch.Generator | None
-) -> dict:
-    """Restore weights, optimizer, scheduler and RNG states in place; return trainer_state."""
+) -> tuple[dict, dict]:
+    """Restore weights, optimizer, scheduler and RNG states in place; return (trainer_state, components)."""
     from safetensors.torch import load_file
 
     checkpoint = Path(checkpoint)
     weights = load_file(str(checkpoint / "model.safetensors"), device=str(next(model.parameters()).device))
+    model = unwrap_model(model)
     missing, unexpected = model.load_state_dict(weights, strict=False)
     # Tied weights (lm_head = embed_tokens) are stored once; anything else missing is an error.
     tied = {name for name in missing if name.endswith("lm_head.weight")} if model.config.tie_word_embeddings else set()
@@ -119,7 +126,9 @@ def load_checkpoint(
     optimizer.load_state_dict(optimizer_state["optimizer"])
     scheduler.load_state_dict(optimizer_state["scheduler"])
     restore_rng_state(torch.load(checkpoint / "rng_state.pt", weights_only=False), generator)
-    return json.loads((checkpoint / "trainer_state.json").read_text())
+    components = torch.load(checkpoint / "components.pt", map_location=str(next(model.parameters()).device),
+                            weights_only=False)
+    return json.loads((checkpoint / "trainer_state.json").read_text()), components
 
 
 def _fsync_directory(path: Path) -> None:

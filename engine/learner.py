@@ -1,13 +1,11 @@
-"""One policy update over a rollout batch.
+"""One policy update over a rollout batch: the data movement around `engine.loss.policy_loss`.
 
     for epoch in 1..ppo_epochs (mu):
         for each of `mini_batches` slices of the rows:            -> one optimizer step
             for each micro-batch of `micro_batch_size` rows:       -> gradient accumulation
-                logprobs   = recompute(policy)                      [b, T]
-                log_ratio  = logprobs - old_logprobs                [b, T]
-                pooled     = strategy.pool_log_ratio(log_ratio)     [b, T]  (credit unit)
-                loss_t     = clipped_surrogate(pooled, A) + kl_coef * KL(logprobs, ref_logprobs)
-                loss       = aggregate(loss_t, mask, mode, normalisers of the whole slice)
+                logprobs   = recompute(policy)                      [b, T]  (+ hidden states a strategy asks for)
+                loss       = policy_loss(logprobs, old, A, mask, unit ids, ref, normalisers of the whole slice)
+                           + strategy.extra_loss(...) / rows of the slice
                 loss.backward()
             clip grad norm, AdamW step, LR schedule step
 
@@ -16,9 +14,10 @@ log-probs are `logprobs.detach()`, so every ratio is exactly 1 and the gradient 
 A * grad log pi. Otherwise the policy's log-probs are recomputed once before the first
 update (no grad) and cached, so later passes see the true ratio pi_theta / pi_old.
 
-Normalisers. `aggregate` gets the token and row counts of the whole optimizer step
+Normalisers. `policy_loss` gets the token and row counts of the whole optimizer step
 (the mini-batch), so the summed micro-batch losses equal the one-batch loss and the
-accumulated gradient equals the one-big-batch gradient.
+accumulated gradient equals the one-big-batch gradient. A strategy's `extra_loss` is
+a sum over its rows, divided here by the step's row count for the same reason.
 
 Non-finite guard: if the loss or the gradient norm is NaN/inf, the optimizer step is
 skipped (weights untouched) and counted in the metrics.
@@ -33,61 +32,109 @@ from __future__ import annotations
 
 import math
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
-from engine.logprobs import completion_logprobs
-from engine.loss import aggregate, clipped_surrogate, kl_penalty
+from engine.config import check, check_choice, is_finite_number
+from engine.logprobs import TokenScores, completion_logprobs
+from engine.loss import LossConfig, policy_loss
 from engine.rollout import Rollout
 
 LR_SCHEDULES = ("constant", "linear", "cosine")
 
 
 @dataclass
-class LearnerConfig:
+class LearnerConfig(LossConfig):
+    """Optimisation settings; the loss settings (clip range, aggregation, KL) come from `LossConfig`."""
+
     lr: float = 1e-5
     weight_decay: float = 0.0
     adam_beta1: float = 0.9
     adam_beta2: float = 0.99
     max_grad_norm: float = 1.0
-    ppo_epochs: int = 1
-    mini_batches: int = 1
-    micro_batch_size: int = 8
-    clip_ratio_low: float = 0.2
-    clip_ratio_high: float = 0.28
-    clip_ratio_c: float | None = None
-    loss_agg_mode: str = "token_mean"
-    loss_max_length: int | None = None  # Dr. GRPO's constant L_max; None = this batch's width (set it to max_new_tokens)
-    kl_loss_type: str = "k3"
-    kl_coef: float = 0.0
+    ppo_epochs: int = 1  # mu: passes over each rollout batch
+    mini_batches: int = 1  # optimizer steps per pass
+    micro_batch_size: int = 8  # rows per forward/backward (gradient accumulation)
     lr_schedule: str = "constant"
     warmup_steps: int = 0
-    total_steps: int = 1  # optimizer steps the schedule spans
     logits_chunk_size: int = 128
     bf16_autocast: bool = True  # on CUDA only; master weights and loss math stay fp32
     reference_offload: bool = False  # keep the reference model in CPU memory; on the device only for its forward
 
     def __post_init__(self) -> None:
-        if self.lr_schedule not in LR_SCHEDULES:
-            raise ValueError(f"unknown lr_schedule {self.lr_schedule!r}; choose one of {LR_SCHEDULES}")
-        for name in ("ppo_epochs", "mini_batches", "micro_batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not (0 <= self.clip_ratio_low < 1 and self.clip_ratio_high >= 0):
-            raise ValueError(
-                f"need 0 <= clip_ratio_low < 1 and clip_ratio_high >= 0; got {self.clip_ratio_low}, {self.clip_ratio_high}"
-            )
+        super().__post_init__()
+        check(is_finite_number(self.lr) and self.lr > 0, "lr", self.lr, "must be a finite number > 0")
+        check(is_finite_number(self.weight_decay) and self.weight_decay >= 0, "weight_decay", self.weight_decay,
+              "must be >= 0")
+        for name in ("adam_beta1", "adam_beta2"):
+            check(0 <= getattr(self, name) < 1, name, getattr(self, name), "must be in [0, 1)")
+        check(self.max_grad_norm > 0, "max_grad_norm", self.max_grad_norm, "must be > 0")
+        for name in ("ppo_epochs", "mini_batches", "micro_batch_size", "logits_chunk_size"):
+            check(getattr(self, name) >= 1, name, getattr(self, name), "must be >= 1")
+        check_choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
+        check(self.warmup_steps >= 0, "warmup_steps", self.warmup_steps, "must be >= 0")
+
+
+@dataclass
+class Rewards:
+    """What the task said about each completion: values over a variable number of units per row.
+
+    values [B, U]: one reward per unit (U = 1 for one reward per completion, U = N for
+    per-rank rewards, U = lines for per-segment rewards); mask [B, U] bool: which units
+    exist in each row. `extras`: any further per-row tensors a strategy reads (e.g. target
+    item ids), each with B rows.
+    """
+
+    values: Tensor  # [B, U] float32
+    mask: Tensor  # [B, U] bool
+    extras: dict[str, Tensor] = field(default_factory=dict)
+
+    @staticmethod
+    def from_tensor(values: Tensor) -> "Rewards":
+        """Rewards from a [B] (one per completion) or [B, N] (one per unit, all present) tensor."""
+        values = values.float()
+        if values.dim() == 1:
+            values = values[:, None]
+        if values.dim() != 2:
+            raise ValueError(f"rewards must be [B] or [B, U]; got shape {tuple(values.shape)}")
+        return Rewards(values, torch.ones_like(values, dtype=torch.bool))
+
+    @property
+    def num_rows(self) -> int:
+        return self.values.shape[0]
+
+    def select_rows(self, rows: Tensor) -> "Rewards":
+        return Rewards(self.values[rows], self.mask[rows], {k: v[rows] for k, v in self.extras.items()})
+
+    @staticmethod
+    def concatenate(parts: list["Rewards"]) -> "Rewards":
+        """Stack rows; the unit axis is padded to the widest part (padding units are masked out)."""
+        width = max(part.values.shape[1] for part in parts)
+
+        def widen(tensor: Tensor, value) -> Tensor:
+            return torch.nn.functional.pad(tensor, (0, width - tensor.shape[1]), value=value)
+
+        keys = set(parts[0].extras)
+        if any(set(part.extras) != keys for part in parts):
+            raise ValueError("cannot concatenate rewards with different extras")
+        return Rewards(
+            torch.cat([widen(part.values, 0.0) for part in parts]),
+            torch.cat([widen(part.mask, False) for part in parts]),
+            {key: torch.cat([part.extras[key] for part in parts]) for key in keys},
+        )
 
 
 @dataclass
 class PolicyBatch:
-    """What the learner trains on: a rollout plus the strategy's credit assignment."""
+    """What the learner trains on: a rollout, its rewards and the strategy's credit assignment."""
 
     rollout: Rollout
+    rewards: Rewards
     unit_ids: Tensor  # [B, T] long, -1 = no credit
-    advantages: Tensor  # [B, T] float32
+    advantages: Tensor  # [B, T] float32, constant inside a unit
+    num_units: int | None = None  # the divisor N of loss_agg_mode seq_mean_unit_mean
 
 
 def lr_multiplier(step: int, schedule: str, warmup_steps: int, total_steps: int) -> float:
@@ -104,9 +151,10 @@ def lr_multiplier(step: int, schedule: str, warmup_steps: int, total_steps: int)
 
 
 class Learner:
-    """Owns the optimizer and LR schedule of a policy; `update` runs one RL update."""
+    """Owns the optimizer and LR schedule of a policy (and of the strategy's own parameters);
+    `update` runs one RL update."""
 
-    def __init__(self, model, config: LearnerConfig, strategy, reference_model=None):
+    def __init__(self, model, config: LearnerConfig, strategy, reference_model=None, total_optimizer_steps: int = 1):
         if config.kl_coef > 0 and reference_model is None:
             raise ValueError("kl_coef > 0 needs a reference model (a frozen copy of the initial policy)")
         self.model = model
@@ -117,15 +165,14 @@ class Learner:
             reference_model.eval().requires_grad_(False)
             if config.reference_offload:
                 reference_model.to("cpu")
+        self.parameters = [p for p in model.parameters() if p.requires_grad] + list(strategy.parameters())
         self.optimizer = torch.optim.AdamW(
-            [p for p in model.parameters() if p.requires_grad],
-            lr=config.lr,
-            betas=(config.adam_beta1, config.adam_beta2),
+            self.parameters, lr=config.lr, betas=(config.adam_beta1, config.adam_beta2),
             weight_decay=config.weight_decay,
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer,
-            lambda step: lr_multiplier(step, config.lr_schedule, config.warmup_steps, config.total_steps),
+            lambda step: lr_multiplier(step, config.lr_schedule, config.warmup_steps, total_optimizer_steps),
         )
 
     # ------------------------------------------------------------------
@@ -135,10 +182,8 @@ class Learner:
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return nullcontext()
 
-    def _micro_batches(self, rows: Tensor) -> list[Tensor]:
-        return list(rows.split(self.config.micro_batch_size))
-
-    def _score(self, model, rollout: Rollout, rows: Tensor, with_entropy: bool = False):
+    def _score(self, model, rollout: Rollout, rows: Tensor, with_entropy: bool = False,
+               hidden_positions: Tensor | None = None) -> tuple[TokenScores, int]:
         """Log-probs of the completion tokens of `rows`, trimming padding columns first."""
         prompt_mask = rollout.prompt_mask[rows]
         completion_mask = rollout.completion_mask[rows]
@@ -154,6 +199,9 @@ class Learner:
                 temperature=rollout.temperature,
                 chunk_size=self.config.logits_chunk_size,
                 with_entropy=with_entropy,
+                hidden_positions=None if hidden_positions is None else hidden_positions[rows],
+                logits_hook=rollout.logits_hook,
+                prompt_indices=rollout.prompt_indices[rows],
             )
         return scores, completion_length
 
@@ -161,7 +209,7 @@ class Learner:
         """Log-probs of every row under `model`, [B, T] (micro-batched, no autograd graph)."""
         with torch.inference_mode():
             logprobs = torch.zeros_like(rollout.old_logprobs)
-            for rows in self._micro_batches(torch.arange(rollout.num_rows, device=logprobs.device)):
+            for rows in torch.arange(rollout.num_rows, device=logprobs.device).split(self.config.micro_batch_size):
                 scores, length = self._score(model, rollout, rows)
                 logprobs[rows, :length] = scores.logprobs
         return logprobs.clone()  # a normal tensor again: the loss uses it under autograd
@@ -178,19 +226,21 @@ class Learner:
 
     # ------------------------------------------------------------------
     def update(self, batch: PolicyBatch) -> dict[str, float]:
-        config = self.config
+        config, strategy = self.config, self.strategy
         rollout = batch.rollout
         mask = rollout.completion_mask.bool()  # [B, T]
         device = mask.device
         ref_logprobs = self._reference_logprobs(rollout) if config.kl_coef > 0 else None
         on_policy = config.ppo_epochs == 1 and config.mini_batches == 1
         old_logprobs = None if on_policy else self._logprobs_no_grad(self.model, rollout)
-        max_length = config.loss_max_length or rollout.completion_ids.shape[1]
+        hidden_positions = strategy.hidden_positions(batch)  # [B] long or None
+        strategy.begin_update(self.model, batch)
 
         self.model.train()
-        totals = {"loss": 0.0, "kl": 0.0, "clipped_tokens": 0.0, "entropy": 0.0, "tokens": 0.0,
-                  "entropy_tokens": 0.0, "grad_norm": 0.0, "optimizer_steps": 0.0, "skipped_steps": 0.0,
-                  "ratio_max": 0.0}
+        sums = {key: torch.zeros((), device=device) for key in ("tokens", "clipped_tokens", "kl_sum", "ratio_sum",
+                                                                "entropy", "entropy_tokens", "extra_loss")}
+        ratio_max, ratio_min = torch.ones((), device=device), torch.ones((), device=device)
+        losses, grad_norms, skipped = [], [], 0
         all_rows = torch.arange(rollout.num_rows, device=device)
         for epoch in range(config.ppo_epochs):
             for mini_batch_rows in all_rows.tensor_split(config.mini_batches):
@@ -199,55 +249,61 @@ class Learner:
                 num_tokens = float(mask[mini_batch_rows].sum())
                 num_sequences = float(mini_batch_rows.numel())
                 self.optimizer.zero_grad(set_to_none=True)
-                step_loss = 0.0
-                for rows in self._micro_batches(mini_batch_rows):
-                    scores, length = self._score(self.model, rollout, rows, with_entropy=epoch == 0)
+                step_loss = torch.zeros((), device=device)
+                for rows in mini_batch_rows.split(config.micro_batch_size):
+                    scores, length = self._score(self.model, rollout, rows, with_entropy=epoch == 0,
+                                                 hidden_positions=hidden_positions)
                     logprobs = scores.logprobs  # [b, t]
                     row_mask = mask[rows, :length]  # [b, t]
-                    old = logprobs.detach() if on_policy else old_logprobs[rows, :length]
-                    unit_ids = batch.unit_ids[rows, :length]
-                    log_ratio = (logprobs - old) * row_mask  # zero on padding before any exp
-                    pooled_log_ratio = self.strategy.pool_log_ratio(log_ratio, unit_ids)  # [b, t]
-                    per_token_loss, clipped = clipped_surrogate(
-                        pooled_log_ratio, batch.advantages[rows, :length],
-                        config.clip_ratio_low, config.clip_ratio_high, config.clip_ratio_c,
+                    loss, metrics = policy_loss(
+                        logprobs,
+                        logprobs.detach() if on_policy else old_logprobs[rows, :length],
+                        batch.advantages[rows, :length],
+                        row_mask,
+                        config,
+                        unit_ids=batch.unit_ids[rows, :length],
+                        ratio_level=strategy.ratio_level,
+                        num_units=batch.num_units,
+                        ref_logprobs=None if ref_logprobs is None else ref_logprobs[rows, :length],
+                        num_tokens=num_tokens,
+                        num_sequences=num_sequences,
                     )
-                    if ref_logprobs is not None:
-                        kl = kl_penalty(logprobs, ref_logprobs[rows, :length], config.kl_loss_type)  # [b, t]
-                        per_token_loss = per_token_loss + config.kl_coef * kl
-                        totals["kl"] += float((kl.detach() * row_mask).sum())
-                    loss = aggregate(
-                        per_token_loss, row_mask, config.loss_agg_mode,
-                        num_tokens=num_tokens, num_sequences=num_sequences, max_length=max_length,
-                        unit_ids=unit_ids, num_units=self.strategy.num_units,
-                    )
-                    loss = loss + self.strategy.extra_loss(batch, scores) * (rows.numel() / num_sequences)
+                    extra = strategy.extra_loss(self.model, batch, rows, scores.hidden)  # sum over rows, or None
+                    if extra is not None:
+                        loss = loss + extra / num_sequences
+                        sums["extra_loss"] += extra.detach() / num_sequences
                     loss.backward()
-                    step_loss += float(loss.detach())
-                    totals["clipped_tokens"] += float((clipped & row_mask).sum())
-                    totals["tokens"] += float(row_mask.sum())
-                    totals["ratio_max"] = max(totals["ratio_max"], float(pooled_log_ratio.detach().max().exp()))
+                    step_loss += loss.detach()
+                    for key in ("tokens", "clipped_tokens", "kl_sum", "ratio_sum"):
+                        sums[key] += metrics[key]
+                    ratio_max = torch.maximum(ratio_max, metrics["ratio_max"])
+                    ratio_min = torch.minimum(ratio_min, metrics["ratio_min"])
                     if scores.entropy is not None:
-                        totals["entropy"] += float((scores.entropy * row_mask).sum())
-                        totals["entropy_tokens"] += float(row_mask.sum())
-                grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), config.max_grad_norm)
-                if math.isfinite(step_loss) and bool(torch.isfinite(grad_norm)):
+                        sums["entropy"] += (scores.entropy * row_mask).sum()
+                        sums["entropy_tokens"] += row_mask.sum()
+                grad_norm = torch.nn.utils.clip_grad_norm_(self.parameters, config.max_grad_norm)
+                if bool(torch.isfinite(step_loss)) and bool(torch.isfinite(grad_norm)):
                     self.optimizer.step()
                     self.scheduler.step()
-                    totals["optimizer_steps"] += 1
-                    totals["grad_norm"] += float(grad_norm)
+                    grad_norms.append(float(grad_norm))
                 else:
-                    totals["skipped_steps"] += 1
+                    skipped += 1
                 self.optimizer.zero_grad(set_to_none=True)
-                totals["loss"] += step_loss
+                losses.append(float(step_loss))
+        tokens = max(float(sums["tokens"]), 1.0)
         passes = config.ppo_epochs * config.mini_batches
-        return {
-            "loss": totals["loss"] / passes,
-            "kl": totals["kl"] / max(totals["tokens"], 1.0),
-            "clip_frac": totals["clipped_tokens"] / max(totals["tokens"], 1.0),
-            "entropy": totals["entropy"] / max(totals["entropy_tokens"], 1.0),
-            "grad_norm": totals["grad_norm"] / max(totals["optimizer_steps"], 1.0),
-            "ratio_max": totals["ratio_max"],
-            "skipped_optimizer_steps": totals["skipped_steps"],
+        metrics = {
+            "loss": sum(losses) / passes,
+            "kl": float(sums["kl_sum"]) / tokens,
+            "clip_frac": float(sums["clipped_tokens"]) / tokens,
+            "entropy": float(sums["entropy"]) / max(float(sums["entropy_tokens"]), 1.0),
+            "grad_norm": sum(grad_norms) / max(len(grad_norms), 1),
+            "ratio_mean": float(sums["ratio_sum"]) / tokens,
+            "ratio_max": float(ratio_max),
+            "ratio_min": float(ratio_min),
+            "skipped_optimizer_steps": skipped,
             "lr": self.scheduler.get_last_lr()[0],
         }
+        if strategy.extra_loss_name:
+            metrics[strategy.extra_loss_name] = float(sums["extra_loss"]) / passes
+        return metrics

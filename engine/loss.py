@@ -1,7 +1,11 @@
 """The shared policy-gradient math: advantages, pooled ratios, clipped surrogate, KL, aggregation.
 
-Per token t of row i, with pooled log-ratio rho_{i,t} (the strategy decides the pooling)
-and advantage A_{i,t}:
+`policy_loss` is the whole objective of one micro-batch: tensors and the loss settings in,
+the scalar loss and its metrics out. Per token t of row i, with log-ratio
+rho_{i,t} = log pi_theta(y_t) - log pi_old(y_t), pooled over the token's credit unit when
+the strategy's ratio is a unit ratio (GSPO's sequence, Rank-GRPO's list item: the mean
+log-ratio of the unit, i.e. the log of the geometric mean of its token ratios), and
+advantage A_{i,t}:
 
     r_{i,t}   = exp(clamp(rho_{i,t}, -20, 20))
     surr_{i,t} = -min(r A, clamp(r, 1 - eps_low, 1 + eps_high) A)          (PPO / GRPO / DAPO)
@@ -36,13 +40,42 @@ Per-rank rewards [B, N] are normalised rank by rank across the group.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
+
+from engine.config import check, check_choice
 
 LOG_RATIO_LIMIT = 20.0
 AGGREGATION_MODES = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm", "seq_mean_unit_mean")
 KL_ESTIMATORS = ("k1", "k2", "k3")
 ADVANTAGE_SCALES = ("group", "batch", "none")
+RATIO_LEVELS = ("token", "unit")
+
+
+@dataclass
+class LossConfig:
+    """The loss settings (verl's names). Strategies declare their papers' values (algorithms/)."""
+
+    clip_ratio_low: float = 0.2  # eps_low: the ratio is clipped below at 1 - eps_low
+    clip_ratio_high: float = 0.2  # eps_high: ... and above at 1 + eps_high (DAPO's clip-higher: 0.28)
+    clip_ratio_c: float | None = None  # dual clip for A < 0 (Ye et al. 2019); None = off
+    loss_agg_mode: str = "token_mean"
+    loss_max_length: int | None = None  # Dr. GRPO's constant L_max; None = the sampling budget max_new_tokens
+    kl_loss_type: str = "k3"
+    kl_coef: float = 0.0  # beta; > 0 needs a reference model
+
+    def __post_init__(self) -> None:
+        check(0 <= self.clip_ratio_low < 1, "clip_ratio_low", self.clip_ratio_low, "must be in [0, 1)")
+        check(self.clip_ratio_high >= 0, "clip_ratio_high", self.clip_ratio_high, "must be >= 0")
+        check(self.clip_ratio_c is None or self.clip_ratio_c > 1, "clip_ratio_c", self.clip_ratio_c,
+              "must be > 1 (or none to switch the dual clip off)")
+        check_choice("loss_agg_mode", self.loss_agg_mode, AGGREGATION_MODES)
+        check(self.loss_max_length is None or self.loss_max_length >= 1, "loss_max_length", self.loss_max_length,
+              "must be >= 1 (or none for max_new_tokens)")
+        check_choice("kl_loss_type", self.kl_loss_type, KL_ESTIMATORS)
+        check(self.kl_coef >= 0, "kl_coef", self.kl_coef, "must be >= 0")
 
 
 # ---------------------------------------------------------------------------
@@ -86,6 +119,20 @@ def group_advantages(rewards: Tensor, group_ids: Tensor, scale: str = "group", e
         advantages = centred / (batch_std + eps)
     advantages = advantages.float()
     return advantages[:, 0] if squeeze else advantages
+
+
+def group_reward_spread(values: Tensor, mask: Tensor, group_ids: Tensor) -> Tensor:
+    """[P] bool, in group order: whether any unit's reward differs inside each group of rows.
+
+    values, mask [B, U]; group_ids [B]. No spread means every advantage of the group is 0.
+    """
+    values = values.masked_fill(~mask, 0.0)  # [B, U]
+    _, group_index = torch.unique(group_ids, return_inverse=True)  # [B]
+    index = group_index[:, None].expand_as(values)
+    num_groups = int(group_index.max()) + 1
+    high = values.new_full((num_groups, values.shape[1]), float("-inf")).scatter_reduce(0, index, values, "amax")
+    low = values.new_full((num_groups, values.shape[1]), float("inf")).scatter_reduce(0, index, values, "amin")
+    return (high > low).any(dim=1)
 
 
 # ---------------------------------------------------------------------------
@@ -226,3 +273,79 @@ def aggregate(
         per_token_weight = torch.where(sizes > 0, 1.0 / sizes.clamp(min=1), torch.zeros_like(sizes))
         return (masked_loss * per_token_weight).sum() / (max(num_sequences, 1.0) * num_units)
     raise ValueError(f"unknown loss_agg_mode {mode!r}; choose one of {AGGREGATION_MODES}")
+
+
+# ---------------------------------------------------------------------------
+# the objective of one micro-batch
+# ---------------------------------------------------------------------------
+
+
+def policy_loss(
+    logprobs: Tensor,
+    old_logprobs: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    config: LossConfig,
+    *,
+    unit_ids: Tensor | None = None,
+    ratio_level: str = "token",
+    num_units: int | None = None,
+    ref_logprobs: Tensor | None = None,
+    num_tokens: float | None = None,
+    num_sequences: float | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """The clipped-ratio policy loss with KL, aggregated; returns (loss, metrics).
+
+    logprobs [B, T] (grad flows), old_logprobs [B, T], advantages [B, T], mask [B, T] bool,
+    ref_logprobs [B, T] (needed when config.kl_coef > 0), unit_ids [B, T] long (-1 = no
+    unit; needed by ratio_level "unit" and by loss_agg_mode seq_mean_unit_mean, whose
+    divisor is `num_units`). `ratio_level`: "token" (each token its own ratio) or "unit"
+    (the unit's geometric-mean ratio). `num_tokens` / `num_sequences`: the normalisers of
+    the whole optimizer step (default: this batch's), so that summed micro-batch losses
+    equal the one-batch loss.
+
+    Metrics are detached sums over the masked tokens, so a caller can add them up over
+    micro-batches: "tokens", "clipped_tokens", "kl_sum", "ratio_sum", and "ratio_max",
+    "ratio_min" (of the ratio each token uses).
+    """
+    check_choice("ratio_level", ratio_level, RATIO_LEVELS)
+    mask = mask.bool()
+    if not logprobs.shape == old_logprobs.shape == advantages.shape == mask.shape:
+        raise ValueError(
+            f"logprobs {tuple(logprobs.shape)}, old_logprobs {tuple(old_logprobs.shape)}, advantages "
+            f"{tuple(advantages.shape)} and mask {tuple(mask.shape)} must all be [B, T]"
+        )
+    log_ratio = (logprobs - old_logprobs).masked_fill(~mask, 0.0)  # [B, T]; zero on padding before any exp
+    if ratio_level == "unit" or config.loss_agg_mode == "seq_mean_unit_mean":
+        if unit_ids is None:
+            raise ValueError("a unit ratio and seq_mean_unit_mean need unit_ids [B, T] from the strategy")
+        unit_ids = unit_ids.masked_fill(~mask, -1)  # [B, T]
+    if ratio_level == "unit":
+        num_bins = int(unit_ids.max()) + 1 if unit_ids.numel() else 1
+        log_ratio = unit_mean(log_ratio, unit_ids, max(num_bins, 1))  # [B, T] log geometric-mean ratio of the unit
+    per_token, clipped = clipped_surrogate(
+        log_ratio, advantages, config.clip_ratio_low, config.clip_ratio_high, config.clip_ratio_c
+    )  # [B, T]
+    kl_sum = torch.zeros((), device=logprobs.device)
+    if config.kl_coef > 0:
+        if ref_logprobs is None:
+            raise ValueError("kl_coef > 0 needs ref_logprobs [B, T] from a reference model")
+        kl = kl_penalty(logprobs, ref_logprobs, config.kl_loss_type)  # [B, T]
+        per_token = per_token + config.kl_coef * kl
+        kl_sum = (kl.detach() * mask).sum()
+    loss = aggregate(
+        per_token, mask, config.loss_agg_mode, num_tokens=num_tokens, num_sequences=num_sequences,
+        max_length=config.loss_max_length, unit_ids=unit_ids, num_units=num_units,
+    )
+    ratio = log_ratio.detach().clamp(-LOG_RATIO_LIMIT, LOG_RATIO_LIMIT).exp()  # [B, T]
+    real_ratios = ratio[mask]
+    empty = real_ratios.numel() == 0
+    metrics = {
+        "tokens": mask.sum().float(),
+        "clipped_tokens": (clipped & mask).sum().float(),
+        "kl_sum": kl_sum,
+        "ratio_sum": real_ratios.sum(),
+        "ratio_max": real_ratios.max() if not empty else torch.ones((), device=ratio.device),
+        "ratio_min": real_ratios.min() if not empty else torch.ones((), device=ratio.device),
+    }
+    return loss, metrics

@@ -18,31 +18,32 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from engine.config import check, is_finite_number
 from engine.learner import lr_multiplier
 from engine.logprobs import completion_logprobs
-from engine.trainer import encode_prompts, pad_token_lists
+from engine.tokens import encode_completions, encode_prompts
 
 
 @dataclass
 class SFTConfig:
-    steps: int = 300
+    steps: int = 300  # 0 = no warm start
     lr: float = 1e-3
     batch_size: int = 32
     warmup_steps: int = 10
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
-    max_prompt_length: int = 512
-    max_completion_length: int = 256
-    seed: int = 0
 
-
-def encode_completions(tokenizer, texts: list[str], max_length: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded completion ids [B, T] and mask [B, T] bool, each ending with EOS (unless cut)."""
-    encoded = [tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for text in texts]
-    return pad_token_lists([ids[:max_length] for ids in encoded], tokenizer.pad_token_id, "right", device)
+    def __post_init__(self) -> None:
+        check(self.steps >= 0, "steps", self.steps, "must be >= 0 (0 = no SFT)")
+        check(is_finite_number(self.lr) and self.lr > 0, "lr", self.lr, "must be a finite number > 0")
+        check(self.batch_size >= 1, "batch_size", self.batch_size, "must be >= 1")
+        check(self.warmup_steps >= 0, "warmup_steps", self.warmup_steps, "must be >= 0")
+        check(self.weight_decay >= 0, "weight_decay", self.weight_decay, "must be >= 0")
+        check(self.max_grad_norm > 0, "max_grad_norm", self.max_grad_norm, "must be > 0")
 
 
 def supervised_finetune(model, tokenizer, chats: list[list[dict]], completions: list[str], config: SFTConfig,
+                        seed: int = 0, max_prompt_length: int = 512, max_completion_length: int = 256,
                         on_step=None) -> list[dict]:
     """Train `model` in place on (chat, completion) pairs; returns one metrics dict per step.
 
@@ -58,7 +59,7 @@ def supervised_finetune(model, tokenizer, chats: list[list[dict]], completions: 
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_multiplier(step, "cosine", config.warmup_steps, config.steps)
     )
-    rng = np.random.default_rng(config.seed)
+    rng = np.random.default_rng(seed)
     order = rng.permutation(len(chats))
     position = 0
     history = []
@@ -68,9 +69,9 @@ def supervised_finetune(model, tokenizer, chats: list[list[dict]], completions: 
             order, position = rng.permutation(len(chats)), 0
         batch = order[position : position + config.batch_size]
         position += config.batch_size
-        prompt_ids, prompt_mask = encode_prompts(tokenizer, [chats[i] for i in batch], config.max_prompt_length, device)
+        prompt_ids, prompt_mask = encode_prompts(tokenizer, [chats[i] for i in batch], max_prompt_length, device)
         completion_ids, completion_mask = encode_completions(
-            tokenizer, [completions[i] for i in batch], config.max_completion_length, device
+            tokenizer, [completions[i] for i in batch], max_completion_length, device
         )
         logprobs = completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask).logprobs
         loss = -(logprobs * completion_mask).sum() / completion_mask.sum()

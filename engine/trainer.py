@@ -2,7 +2,7 @@
 
 One step:
 
-    1. take the next `prompts_per_step` prompts from the data cursor
+    1. take the next `prompts_per_step` prompts from the prompt source
     2. rollout  = sample G completions per prompt (engine.rollout)          time_rollout_s
     3. rewards  = task.rewards(...), then strategy.shape_rewards(...)      time_reward_s
        dynamic sampling (if the strategy keeps only some groups): sample more
@@ -11,17 +11,23 @@ One step:
     5. learner.update(...)                                                   time_learn_s
     6. metrics.jsonl / tensorboard / tqdm; eval every `eval_every`; checkpoint every `save_every`
 
-The engine knows nothing about recommendation: a `Task` provides prompts, rewards
-and an evaluation. Prompts are drawn without replacement in a fresh seeded
-permutation per epoch; the only state is the number of prompts consumed (the
-cursor), so a resumed run draws exactly the prompts the uninterrupted run would.
+The engine knows nothing about recommendation: a `Task` provides prompts, rewards and
+an evaluation. Prompts come in epochs: a fresh seeded permutation per epoch, which the
+strategy's `order_prompts` hook may reorder or shorten (a curriculum). The prompt
+source's state, the strategy's and the task's state are in every checkpoint, so a
+resumed run draws exactly the prompts the uninterrupted run would.
+
+The loop fails loudly: a step whose rewards are not finite is skipped (weights
+untouched), and when every group has zero reward spread, or the gradient norm is 0,
+for `stall_warning_steps` steps in a row, a warning is printed and written into the
+step's metrics ("warning").
 """
 
 from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Protocol
 
@@ -30,143 +36,133 @@ import torch
 from torch import Tensor
 
 from engine.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from engine.learner import Learner, PolicyBatch
+from engine.config import check
+from engine.learner import Learner, PolicyBatch, Rewards
+from engine.loss import group_reward_spread
 from engine.logging import RunLogger
-from engine.rollout import Rollout, SamplingConfig, sample
+from engine.rollout import DecoderFactory, Rollout, SamplingConfig, sample
+from engine.tokens import decode_completions, encode_prompts, eos_token_ids
 
 
 class Task(Protocol):
-    """A verifiable task: chat prompts, a reward function, and an evaluation."""
+    """A verifiable task: chat prompts, a reward function, and an evaluation.
+
+    Optional members a task may define: `logits_hook` (constrained decoding, see
+    engine.logprobs.LogitsHook), `stop_token_ids(tokenizer) -> list[int]` (tokens that end
+    a completion besides EOS), `state_dict()` / `load_state_dict(state)` (checkpointed).
+    """
 
     def num_train_prompts(self) -> int: ...
 
     def train_messages(self, index: int) -> list[dict]: ...
 
-    def rewards(self, prompt_indices: list[int], completions: list[str]) -> Tensor:
-        """[B] (one reward per completion) or [B, N] (per rank); NaN marks a broken reward."""
+    def rewards(self, prompt_indices: list[int], completions: list[str], rollout: Rollout) -> Tensor | Rewards:
+        """[B] (one reward per completion), [B, U] or `Rewards`; NaN marks a broken reward."""
         ...
 
-    def evaluate(self, generate: Callable[[list[list[dict]]], list[str]]) -> dict[str, float]:
-        """Metrics of greedy completions on held-out prompts; `generate` maps chats to texts."""
+    def evaluate(self, generate: Callable[..., list[str]]) -> dict[str, float]:
+        """Metrics of greedy completions on held-out prompts; `generate(chats, prompt_indices=None,
+        logits_hook=None)` maps chats to texts."""
         ...
 
 
 @dataclass
 class TrainerConfig:
-    seed: int = 0
     max_steps: int = 100
     prompts_per_step: int = 4
-    group_size: int = 8
-    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    group_size: int = 8  # G completions per prompt
     max_prompt_length: int = 512  # longer prompts keep their last tokens
     save_every: int = 0  # 0 = only at the end
     eval_every: int = 0  # 0 = only before and after training
     max_generation_rounds: int = 1  # dynamic sampling: rollouts per step at most
     eval_batch_size: int = 32
     log_samples_every: int = 10
-    keep_checkpoints: int | None = 2
+    keep_checkpoints: int = 2
+    stall_warning_steps: int = 5  # warn after this many steps without reward spread or gradient
+
+    def __post_init__(self) -> None:
+        check(self.max_steps >= 1, "max_steps", self.max_steps, "must be >= 1")
+        check(self.prompts_per_step >= 1, "prompts_per_step", self.prompts_per_step, "must be >= 1")
+        check(self.group_size >= 2, "group_size", self.group_size,
+              "must be >= 2 (group-relative advantages of a single sample are 0: nothing would be learnt)")
+        check(self.max_prompt_length >= 1, "max_prompt_length", self.max_prompt_length, "must be >= 1")
+        for name in ("save_every", "eval_every", "log_samples_every"):
+            check(getattr(self, name) >= 0, name, getattr(self, name), "must be >= 0 (0 = off)")
+        for name in ("max_generation_rounds", "eval_batch_size", "keep_checkpoints", "stall_warning_steps"):
+            check(getattr(self, name) >= 1, name, getattr(self, name), "must be >= 1")
 
 
-class PromptCursor:
-    """Endless stream of prompt indices: a seeded permutation per epoch, resumable from a count."""
+class PromptSource:
+    """Prompt indices in epochs. Each epoch starts from a seeded permutation, which
+    `order_prompts(epoch, order) -> order` may reorder or shorten (a curriculum)."""
 
-    def __init__(self, num_prompts: int, seed: int, consumed: int = 0):
+    def __init__(self, num_prompts: int, seed: int, order_prompts: Callable[[int, list[int]], list[int]] | None = None):
         if num_prompts < 1:
             raise ValueError("the task has no training prompts")
-        self.num_prompts = num_prompts
-        self.seed = seed
-        self.consumed = consumed
-        self._epoch, self._order = -1, None
+        self.num_prompts, self.seed, self.order_prompts = num_prompts, seed, order_prompts
+        self.epoch, self.position, self.order, self.consumed = -1, 0, [], 0
 
     def take(self, count: int) -> list[int]:
         indices = []
-        for _ in range(count):
-            epoch, offset = divmod(self.consumed, self.num_prompts)
-            if epoch != self._epoch:
-                self._epoch = epoch
-                self._order = np.random.default_rng([self.seed, epoch]).permutation(self.num_prompts)
-            indices.append(int(self._order[offset]))
-            self.consumed += 1
+        while len(indices) < count:
+            if self.position >= len(self.order):
+                self._next_epoch()
+            indices.append(self.order[self.position])
+            self.position += 1
+        self.consumed += count
         return indices
 
+    def _next_epoch(self) -> None:
+        self.epoch += 1
+        order = np.random.default_rng([self.seed, self.epoch]).permutation(self.num_prompts).tolist()
+        if self.order_prompts is not None:
+            order = [int(i) for i in self.order_prompts(self.epoch, order)]
+            if not order:
+                raise RuntimeError(f"order_prompts left no prompt for epoch {self.epoch}: every prompt was dropped")
+        self.order, self.position = order, 0
 
-def encode_prompts(tokenizer, chats: list[list[dict]], max_length: int, device) -> tuple[Tensor, Tensor]:
-    """Chat-template and left-pad prompts: ids [P, S], mask [P, S] bool. Long prompts keep their end."""
-    texts = [tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True) for chat in chats]
-    encoded = [tokenizer(text, add_special_tokens=False)["input_ids"][-max_length:] for text in texts]
-    if any(len(ids) == 0 for ids in encoded):
-        raise ValueError("a prompt encoded to zero tokens; check the task's messages")
-    return pad_token_lists(encoded, tokenizer.pad_token_id, "left", device)
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position, "order": self.order, "consumed": self.consumed}
 
-
-def pad_token_lists(sequences: list[list[int]], pad_id: int, side: str, device) -> tuple[Tensor, Tensor]:
-    """Pad token-id lists to one length on the `side` ("left" | "right"): ids [N, L], mask [N, L] bool."""
-    length = max(len(sequence) for sequence in sequences)
-    ids, mask = [], []
-    for sequence in sequences:
-        padding = length - len(sequence)
-        if side == "left":
-            ids.append([pad_id] * padding + sequence)
-            mask.append([False] * padding + [True] * len(sequence))
-        else:
-            ids.append(sequence + [pad_id] * padding)
-            mask.append([True] * len(sequence) + [False] * padding)
-    return (torch.tensor(ids, dtype=torch.long, device=device),
-            torch.tensor(mask, dtype=torch.bool, device=device))
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.position, self.order, self.consumed = (state["epoch"], state["position"], list(state["order"]),
+                                                                state["consumed"])
 
 
-def eos_token_ids(tokenizer, model) -> list[int]:
-    """Token ids that end a completion: the tokenizer's EOS plus the model's generation EOS ids."""
-    ids = {tokenizer.eos_token_id}
-    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    if isinstance(configured, int):
-        ids.add(configured)
-    elif configured:
-        ids.update(configured)
-    return sorted(i for i in ids if i is not None)
-
-
-def decode_completions(tokenizer, rollout: Rollout) -> list[str]:
-    """Completion texts without the EOS token and padding."""
-    texts = []
-    for ids, mask, ended in zip(rollout.completion_ids.tolist(), rollout.completion_mask.tolist(),
-                                rollout.ended_with_eos.tolist()):
-        length = sum(mask) - (1 if ended else 0)
-        texts.append(tokenizer.decode(ids[:length], skip_special_tokens=False))
-    return texts
-
-
-def greedy_generate(model, tokenizer, chats: list[list[dict]], max_new_tokens: int,
-                    max_prompt_length: int, batch_size: int) -> list[str]:
-    """Greedy completions of `chats`, batched."""
+def greedy_generate(model, tokenizer, chats: list[list[dict]], max_new_tokens: int, max_prompt_length: int,
+                    batch_size: int, stop_token_ids: list[int], make_decoder: DecoderFactory | None = None,
+                    prompt_indices: list[int] | None = None, logits_hook=None) -> list[str]:
+    """Greedy completions of `chats`, batched (under the task's `logits_hook` if given)."""
     device = next(model.parameters()).device
     texts = []
     for start in range(0, len(chats), batch_size):
         ids, mask = encode_prompts(tokenizer, chats[start : start + batch_size], max_prompt_length, device)
-        rollout = sample(model, ids, mask, 1, SamplingConfig(max_new_tokens=max_new_tokens, temperature=0.0),
-                         eos_token_ids(tokenizer, model), tokenizer.pad_token_id)
-        texts.extend(decode_completions(tokenizer, rollout))
+        indices = None if prompt_indices is None else torch.tensor(prompt_indices[start : start + batch_size])
+        rollout = sample(model, ids, mask, 1, SamplingConfig(max_new_tokens=max_new_tokens), stop_token_ids,
+                         tokenizer.pad_token_id, greedy=True, logits_hook=logits_hook, prompt_indices=indices,
+                         make_decoder=make_decoder)
+        texts.extend(decode_completions(tokenizer, rollout.completion_ids, rollout.completion_mask,
+                                        rollout.ended_with_eos))
     return texts
 
 
 class Trainer:
     def __init__(self, model, tokenizer, task: Task, strategy, learner: Learner, config: TrainerConfig,
-                 run_dir: Path, stage_name: str = "rl", initial_stage_name: str = "initial"):
-        self.model = model
-        self.tokenizer = tokenizer
-        self.task = task
-        self.strategy = strategy
-        self.learner = learner
-        self.config = config
+                 sampling: SamplingConfig, run_dir: Path, seed: int = 0, stage_name: str = "rl",
+                 initial_stage_name: str = "initial", make_decoder: DecoderFactory | None = None):
+        self.model, self.tokenizer, self.task, self.strategy, self.learner = model, tokenizer, task, strategy, learner
+        self.config, self.sampling, self.seed, self.make_decoder = config, sampling, seed, make_decoder
         self.run_dir = Path(run_dir)
-        self.stage_name = stage_name
-        self.initial_stage_name = initial_stage_name
+        self.stage_name, self.initial_stage_name = stage_name, initial_stage_name
         self.device = next(model.parameters()).device
         self.generator = torch.Generator(device=self.device)
-        self.generator.manual_seed(config.seed)
-        self.cursor = PromptCursor(task.num_train_prompts(), config.seed)
-        self.eos_ids = eos_token_ids(tokenizer, model)
+        self.generator.manual_seed(seed)
+        self.prompts = PromptSource(task.num_train_prompts(), seed, strategy.order_prompts)
+        stop = getattr(task, "stop_token_ids", None)
+        self.stop_ids = sorted(set(eos_token_ids(tokenizer, model)) | set(stop(tokenizer) if stop else []))
+        self.logits_hook = getattr(task, "logits_hook", None)
         self.step = 0
+        self.stalled = {"no reward spread in any group": 0, "gradient norm 0": 0}
 
     # ------------------------------------------------------------------
     def resume(self, run_dir: Path) -> int:
@@ -174,41 +170,55 @@ class Trainer:
         checkpoint = latest_checkpoint(run_dir)
         if checkpoint is None:
             return 0
-        state = load_checkpoint(checkpoint, self.model, self.learner.optimizer, self.learner.scheduler, self.generator)
+        state, components = load_checkpoint(checkpoint, self.model, self.learner.optimizer, self.learner.scheduler,
+                                            self.generator)
         self.step = state["step"]
-        self.cursor = PromptCursor(self.task.num_train_prompts(), self.config.seed, state["prompts_consumed"])
+        self.prompts.load_state_dict(state["prompts"])
+        self.stalled = state["stalled"]
+        self.strategy.load_state_dict(components["strategy"])
+        if hasattr(self.task, "load_state_dict"):
+            self.task.load_state_dict(components["task"])
         return self.step
 
     def save(self) -> Path:
-        return save_checkpoint(
-            self.run_dir, self.step, self.model, self.tokenizer, self.learner.optimizer, self.learner.scheduler,
-            self.generator, {"prompts_consumed": self.cursor.consumed, "stage": self.stage_name},
-            keep_last=self.config.keep_checkpoints,
-        )
+        components = {"strategy": self.strategy.state_dict(),
+                      "task": self.task.state_dict() if hasattr(self.task, "state_dict") else {}}
+        state = {"prompts": self.prompts.state_dict(), "stalled": self.stalled, "stage": self.stage_name}
+        return save_checkpoint(self.run_dir, self.step, self.model, self.tokenizer, self.learner.optimizer,
+                               self.learner.scheduler, self.generator, state, components,
+                               keep_last=self.config.keep_checkpoints)
+
+    def generate(self, chats: list[list[dict]], prompt_indices: list[int] | None = None, logits_hook=None) -> list[str]:
+        """Greedy completions, as tasks evaluate them."""
+        return greedy_generate(self.model, self.tokenizer, chats, self.sampling.max_new_tokens,
+                               self.config.max_prompt_length, self.config.eval_batch_size, self.stop_ids,
+                               self.make_decoder, prompt_indices, logits_hook)
 
     def evaluate(self) -> dict[str, float]:
-        config = self.config
-        return self.task.evaluate(
-            lambda chats: greedy_generate(self.model, self.tokenizer, chats, config.sampling.max_new_tokens,
-                                          config.max_prompt_length, config.eval_batch_size)
-        )
+        return self.task.evaluate(self.generate)
 
     # ------------------------------------------------------------------
-    def _rollout_and_score(self, num_prompts: int) -> tuple[Rollout, Tensor, list[str], float, float]:
+    def _rollout_and_score(self, num_prompts: int) -> tuple[Rollout, Rewards, list[str], float, float]:
         """Sample the next prompts and score them: (rollout, rewards, texts, rollout seconds, reward seconds)."""
         start = time.perf_counter()
-        indices = self.cursor.take(num_prompts)
+        indices = self.prompts.take(num_prompts)
         chats = [self.task.train_messages(i) for i in indices]
         prompt_ids, prompt_mask = encode_prompts(self.tokenizer, chats, self.config.max_prompt_length, self.device)
-        rollout = sample(self.model, prompt_ids, prompt_mask, self.config.group_size, self.config.sampling,
-                         self.eos_ids, self.tokenizer.pad_token_id, self.generator)
-        texts = decode_completions(self.tokenizer, rollout)
+        rollout = sample(self.model, prompt_ids, prompt_mask, self.config.group_size, self.sampling, self.stop_ids,
+                         self.tokenizer.pad_token_id, self.generator, logits_hook=self.logits_hook,
+                         prompt_indices=torch.tensor(indices, device=self.device), make_decoder=self.make_decoder)
+        texts = decode_completions(self.tokenizer, rollout.completion_ids, rollout.completion_mask,
+                                   rollout.ended_with_eos)
         rollout_seconds = time.perf_counter() - start
         start = time.perf_counter()
-        row_prompts = [indices[int(g)] for g in rollout.group_ids]
-        rewards = torch.as_tensor(self.task.rewards(row_prompts, texts), dtype=torch.float32, device=self.device)
-        if rewards.shape[0] != rollout.num_rows:
-            raise ValueError(f"the task returned {rewards.shape[0]} rewards for {rollout.num_rows} completions")
+        rewards = self.task.rewards(rollout.prompt_indices.tolist(), texts, rollout)
+        if not isinstance(rewards, Rewards):
+            rewards = Rewards.from_tensor(torch.as_tensor(rewards, dtype=torch.float32))
+        rewards = Rewards(rewards.values.to(self.device), rewards.mask.to(self.device).bool(),
+                          {key: value.to(self.device) for key, value in rewards.extras.items()})
+        if rewards.num_rows != rollout.num_rows or rewards.mask.shape != rewards.values.shape:
+            raise ValueError(f"the task returned rewards of shape {tuple(rewards.values.shape)} (mask "
+                             f"{tuple(rewards.mask.shape)}) for {rollout.num_rows} completions; expected [B] or [B, U]")
         return rollout, rewards, texts, rollout_seconds, time.perf_counter() - start
 
     def train_step(self) -> dict:
@@ -219,79 +229,84 @@ class Trainer:
         groups_sampled = groups_kept = 0
         raw_reward_sum = raw_reward_count = 0.0
         non_finite = filtered = False
-        for _ in range(max(config.max_generation_rounds, 1)):
+        spread = []
+        for _ in range(config.max_generation_rounds):
             needed = config.prompts_per_step - groups_kept
             rollout, rewards, texts, rollout_seconds, reward_seconds = self._rollout_and_score(needed)
             time_rollout += rollout_seconds
             time_reward += reward_seconds
             start = time.perf_counter()
-            if not bool(torch.isfinite(rewards).all()):
+            if not bool(torch.isfinite(rewards.values[rewards.mask]).all()):
                 non_finite = True
                 break
-            raw_reward_sum += float(rewards.sum()) if rewards.dim() == 1 else float(rewards.sum(dim=1).sum())
-            raw_reward_count += rewards.shape[0]
+            raw_reward_sum += float(rewards.values[rewards.mask].sum())
+            raw_reward_count += rewards.num_rows
             texts_seen.extend(texts)
             rewards = self.strategy.shape_rewards(rewards, rollout)
+            spread.append(group_reward_spread(rewards.values, rewards.mask, rollout.group_ids))
             keep = self.strategy.keep_groups(rewards, rollout)  # [P] bool or None
             groups_sampled += needed
             filtered = keep is not None
-            if keep is None:
-                kept_rollouts.append(rollout)
-                kept_rewards.append(rewards)
-                groups_kept += needed
-                time_reward += time.perf_counter() - start
-                break
-            kept_groups = keep.nonzero().squeeze(1)
-            rows = torch.isin(rollout.group_ids, kept_groups).nonzero().squeeze(1)
+            rows = (torch.arange(rollout.num_rows, device=self.device) if keep is None
+                    else torch.isin(rollout.group_ids, keep.nonzero().squeeze(1)).nonzero().squeeze(1))
             if rows.numel():
                 kept_rollouts.append(rollout.select_rows(rows))
-                kept_rewards.append(rewards[rows])
-            groups_kept += int(kept_groups.numel())
+                kept_rewards.append(rewards.select_rows(rows))
+            groups_kept += needed if keep is None else int(keep.sum())
             time_reward += time.perf_counter() - start
             if groups_kept >= config.prompts_per_step:
                 break
 
-        metrics: dict = {"step": self.step + 1}
+        metrics: dict = {"step": self.step + 1, "epoch": self.prompts.epoch, "prompts_consumed": self.prompts.consumed}
+        timings = dict(time_rollout_s=time_rollout, time_reward_s=time_reward, time_learn_s=0.0)
         if non_finite:
             # Never train on a broken reward: the step is skipped and the weights stay untouched.
-            metrics.update(skipped="non-finite reward (NaN or inf) returned by the task", reward_mean=None,
-                           time_rollout_s=time_rollout, time_reward_s=time_reward, time_learn_s=0.0)
+            metrics.update(skipped="non-finite reward (NaN or inf) returned by the task", reward_mean=None, **timings)
             return metrics
         metrics["reward_mean"] = raw_reward_sum / max(raw_reward_count, 1.0)
+        metrics["zero_spread_frac"] = 1.0 - float(torch.cat(spread).float().mean())
         if filtered:
             metrics["frac_groups_dropped"] = 1.0 - groups_kept / max(groups_sampled, 1)
         if not kept_rollouts:
-            metrics.update(skipped="dynamic sampling kept no group (all rewards equal within every group)",
-                           time_rollout_s=time_rollout, time_reward_s=time_reward, time_learn_s=0.0)
+            self._watch("no reward spread in any group", True, metrics)
+            metrics.update(skipped="dynamic sampling kept no group (all rewards equal within every group)", **timings)
             return metrics
 
-        rollout = Rollout.concatenate(kept_rollouts)
-        rewards = torch.cat(kept_rewards)
+        rollout, rewards = Rollout.concatenate(kept_rollouts), Rewards.concatenate(kept_rewards)
         start = time.perf_counter()
-        unit_ids = self.strategy.unit_ids(rollout, self.tokenizer)
-        advantages = self.strategy.advantages(rewards, rollout, unit_ids)
-        learner_metrics = self.learner.update(PolicyBatch(rollout, unit_ids, advantages))
+        unit_ids = self.strategy.unit_ids(rollout, rewards)  # [B, T]
+        advantages = self.strategy.advantages(rewards, rollout, unit_ids)  # [B, T]
+        batch = PolicyBatch(rollout, rewards, unit_ids, advantages, self.strategy.num_units(rewards))
+        learner_metrics = self.learner.update(batch)
         time_learn = time.perf_counter() - start
 
         tokens = int(rollout.completion_mask.sum())
-        lengths = rollout.completion_lengths.float()
+        values = rewards.values[rewards.mask]
         metrics.update(
             learner_metrics,
-            reward_std=float(rewards.std()) if rewards.numel() > 1 else 0.0,
+            reward_std=float(values.std()) if values.numel() > 1 else 0.0,
             tokens=tokens,
-            completion_length_mean=float(lengths.mean()),
+            completion_length_mean=float(rollout.completion_lengths.float().mean()),
             truncated_frac=float((~rollout.ended_with_eos).float().mean()),
             time_rollout_s=time_rollout,
             time_reward_s=time_reward,
             time_learn_s=time_learn,
             tokens_per_s=tokens / max(time.perf_counter() - step_start, 1e-9),
         )
-        if rewards.dim() == 2:
-            per_rank = rewards.mean(dim=0)
-            for rank in range(per_rank.shape[0]):
-                metrics[f"reward_rank_{rank + 1}"] = float(per_rank[rank])
+        if rewards.values.shape[1] > 1 and bool(rewards.mask.all()):
+            for unit, value in enumerate(rewards.values.mean(dim=0).tolist()):
+                metrics[f"reward_unit_{unit + 1}"] = value
+        self._watch("no reward spread in any group", metrics["zero_spread_frac"] == 1.0, metrics)
+        self._watch("gradient norm 0", learner_metrics["grad_norm"] == 0.0, metrics)
         metrics["_sample"] = texts_seen[0] if texts_seen else ""
         return metrics
+
+    def _watch(self, condition: str, holds: bool, metrics: dict) -> None:
+        """Count consecutive steps on which `condition` holds; past the limit, say so in the metrics."""
+        self.stalled[condition] = self.stalled[condition] + 1 if holds else 0
+        if self.stalled[condition] >= self.config.stall_warning_steps:
+            metrics["warning"] = (f"{condition} for {self.stalled[condition]} steps in a row: "
+                                  "the policy is not learning (check the rewards and the learning rate)")
 
     def train(self, logger: RunLogger | None = None) -> dict[str, float]:
         """Run until `max_steps`; return the final evaluation."""
@@ -304,8 +319,9 @@ class Trainer:
                 metrics = self.train_step()
                 self.step += 1
                 sample_text = metrics.pop("_sample", None)
-                if "skipped" in metrics:
-                    logger.message(f"step {self.step}: skipped ({metrics['skipped']})")
+                for key in ("skipped", "warning"):
+                    if key in metrics:
+                        logger.message(f"step {self.step}: {key}: {metrics[key]}")
                 logger.log_step(metrics)
                 if sample_text is not None and config.log_samples_every and self.step % config.log_samples_every == 0:
                     logger.log_text("samples/completion", sample_text, self.step)

@@ -39,6 +39,7 @@ from pathlib import Path
 import torch
 
 from engine.rollout import SamplingConfig, sample
+from fastdecode import fast_decoder
 
 
 @dataclass
@@ -109,7 +110,8 @@ def recrl_sample(model, ids, mask, config: BenchConfig, max_new_tokens: int | No
     # No EOS id can be sampled (-1), so every row runs to the full length, as generate does below.
     return sample(model, ids, mask, config.group_size,
                   SamplingConfig(max_new_tokens=max_new_tokens or config.new_tokens, temperature=1.0, **sampling),
-                  eos_token_ids=[-1], pad_token_id=0, generator=torch.Generator(device=ids.device).manual_seed(0))
+                  eos_token_ids=[-1], pad_token_id=0, generator=torch.Generator(device=ids.device).manual_seed(0),
+                  make_decoder=fast_decoder)
 
 
 def copy_bandwidth(device: str, size_bytes: int = 1 << 30) -> float:
@@ -308,7 +310,7 @@ def bench_logprobs(config: BenchConfig, device: str, repeats: int) -> dict:
 
 def bench_step(config: BenchConfig, device: str, repeats: int) -> dict:
     from algorithms.grpo import GRPO
-    from engine.learner import Learner, LearnerConfig, PolicyBatch
+    from engine.learner import Learner, LearnerConfig, PolicyBatch, Rewards
 
     model = build_model(config, device).float()  # fp32 master weights; bf16 autocast on CUDA comes from the learner
     sampling = {"dtype": "bfloat16"} if device == "cuda" else {}  # a bf16 decoder snapshot on GPUs
@@ -326,13 +328,13 @@ def bench_step(config: BenchConfig, device: str, repeats: int) -> dict:
         rollout = recrl_sample(model, ids, mask, config, **sampling)
         synchronize(device)
         after_rollout = time.perf_counter()
-        rewards = torch.rand(rollout.num_rows, generator=generator).to(device)
+        rewards = Rewards.from_tensor(torch.rand(rollout.num_rows, generator=generator).to(device))
         after_reward = time.perf_counter()
-        unit_ids = strategy.unit_ids(rollout, None)
+        unit_ids = strategy.unit_ids(rollout, rewards)
         advantages = strategy.advantages(rewards, rollout, unit_ids)
         synchronize(device)
         after_advantages = time.perf_counter()
-        learner.update(PolicyBatch(rollout, unit_ids, advantages))
+        learner.update(PolicyBatch(rollout, rewards, unit_ids, advantages))
         synchronize(device)
         end = time.perf_counter()
         if step == 0:

@@ -10,15 +10,21 @@ Rewards for a generated list (rewards/ does the parsing and matching):
 
 The first three give per-rank rewards [B, N] (rank_grpo); `ndcg` gives [B].
 Evaluation decodes greedily on the test split and averages Recall@K / NDCG@K.
+
+The list length N is the data source's own (Reddit-v2 prompts ask for 20 items, the
+MovieLens requests for 10 unless `task.list_length` says otherwise). SFT demonstrations
+on MovieLens are an EASE teacher's lists (experiments/baselines.py; docs/rank_grpo.md §7).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
 import torch
 
+from engine.config import check, check_choice
 from experiments.data import RecData
 from rewards.catalog import rank_hits
 from rewards.lists import format_item, parse_list
@@ -26,13 +32,33 @@ from rewards.ranking import evaluate_list, mean_metrics, rank_rewards, sequence_
 
 PER_RANK_REWARDS = ("exp_inf", "exp_gamma", "log_decay")
 REWARD_KINDS = PER_RANK_REWARDS + ("ndcg",)
+SOURCES = ("auto", "reddit-v2", "movielens-100k")
+
+
+@dataclass
+class RecTaskConfig:
+    source: str = "auto"  # auto: Reddit-v2 when its conversations are in the data dir, else MovieLens-100K
+    list_length: int | None = None  # N; None = the data source's own (Reddit-v2: 20, MovieLens: 10)
+    reward_kind: str = "exp_inf"
+    reward_gamma: float = 2.0  # Gamma of exp_gamma
+    eval_size: int = 0  # 0 = the whole test split
+    train_cut_points: int | None = 3  # MovieLens training requests per user; None = every usable prefix
+
+    def __post_init__(self) -> None:
+        check_choice("source", self.source, SOURCES)
+        check(self.list_length is None or self.list_length >= 2, "list_length", self.list_length,
+              "must be >= 2 (or none for the data source's own)")
+        check_choice("reward_kind", self.reward_kind, REWARD_KINDS)
+        check(self.reward_gamma > 1, "reward_gamma", self.reward_gamma, "must be > 1")
+        check(self.eval_size >= 0, "eval_size", self.eval_size, "must be >= 0 (0 = the whole test split)")
+        check(self.train_cut_points is None or self.train_cut_points >= 1, "train_cut_points", self.train_cut_points,
+              "must be >= 1 (or none for every usable prefix)")
 
 
 class RecommendationTask:
     def __init__(self, data: RecData, list_length: int, reward_kind: str, reward_gamma: float = 2.0,
                  eval_size: int = 0):
-        if reward_kind not in REWARD_KINDS:
-            raise ValueError(f"unknown reward_kind {reward_kind!r}; choose one of {REWARD_KINDS}")
+        check_choice("reward_kind", reward_kind, REWARD_KINDS)
         if not data.train:
             raise ValueError(f"the {data.source} training split is empty")
         self.data = data
@@ -53,7 +79,7 @@ class RecommendationTask:
         return rank_hits(parse_list(completion), example.groundtruth, example.seen, self.data.catalog,
                          self.list_length)
 
-    def rewards(self, prompt_indices: list[int], completions: list[str]) -> torch.Tensor:
+    def rewards(self, prompt_indices: list[int], completions: list[str], rollout=None) -> torch.Tensor:
         examples = [self.data.train[i] for i in prompt_indices]
         hits = np.array([self.hits(example, text) for example, text in zip(examples, completions)])  # [B, N]
         if self.reward_kind == "ndcg":
@@ -86,3 +112,23 @@ class RecommendationTask:
             for text in completions
         ]))
         return result
+
+
+def build_recommendation_task(config: RecTaskConfig, data_dir: str | None) -> tuple[RecommendationTask, RecData]:
+    """Load the data (Reddit-v2 or MovieLens-100K, see experiments.data) and build the task.
+
+    MovieLens training requests get EASE-teacher demonstrations for the SFT warm start.
+    """
+    from experiments.baselines import attach_demonstrations, fit_teacher
+    from experiments.data import DataError, load_recommendation_data
+
+    data = load_recommendation_data(data_dir, list_length=config.list_length or 10, source=config.source,
+                                    verbose=False, train_cuts_per_user=config.train_cut_points)
+    if config.list_length is not None and config.list_length != data.list_length:
+        raise DataError(f"task.list_length={config.list_length}: the {data.source} prompts ask for "
+                        f"{data.list_length} items; leave task.list_length unset (none) to use the data's own")
+    if data.movielens is not None:
+        teacher = fit_teacher(data.movielens, part="train")
+        attach_demonstrations(data.train, teacher, data.movielens)
+        attach_demonstrations(data.val, teacher, data.movielens)
+    return RecommendationTask(data, data.list_length, config.reward_kind, config.reward_gamma, config.eval_size), data

@@ -2,13 +2,19 @@
 
     python -m experiments.run --list
     python -m experiments.run grpo_sort --quick
-    python -m experiments.run rank_grpo_reddit --set lr=1e-5 --set max_steps=400
-    python -m experiments.run grpo_sort --resume runs/grpo_sort-20261125-101500
+    python -m experiments.run rank_grpo_reddit --set learner.lr=1e-5 --set max_steps=400
+    python -m experiments.run rank_grpo_reddit --show-config
+    python -m experiments.run grpo_sort --resume runs/grpo_sort-20261125-101500-12345
 
 Options: --out DIR, --data-dir DIR, --model PATH_OR_ID, --device cpu|cuda, --quick,
---resume DIR, --set key=value (repeatable; keys are the fields of
-`experiments.registry.ExperimentConfig`). Bad input exits with code 2 and one line
-saying what is wrong.
+--resume DIR, --set key=value (repeatable; keys in experiments/config.py), --show-config.
+Every setting is checked before any data is read or any model is built; bad input exits
+with code 2 and one line saying what is wrong.
+
+The pipeline of an experiment of kind "rl": build the task (data) -> the policy (a
+checkpoint, or a tiny model and a tokenizer trained on the task's text) -> an SFT warm start
+(cached per configuration and data) -> the strategy, the learner and the trainer
+(engine/trainer.py), which runs the RL loop and writes the run directory.
 """
 
 from __future__ import annotations
@@ -16,129 +22,304 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import hashlib
 import json
+import os
 import platform
+import random
+import shutil
 import sys
 import time
-import types
-import typing
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from experiments.registry import EXPERIMENTS, ExperimentConfig, experiment_names
+from experiments.config import (
+    RESUMABLE_CHANGES,
+    ExperimentConfig,
+    UsageError,
+    apply,
+    apply_command_line,
+    check_tree,
+    default_tree,
+    describe,
+    leaves,
+    to_dict,
+)
+from experiments.registry import EXPERIMENTS, TASKS, experiment_names
 
 
-class UsageError(Exception):
-    """Bad command-line input; reported as one line with exit code 2."""
+class ExperimentError(Exception):
+    """A problem with the experiment's inputs (data, model); reported in one line with exit code 2."""
 
 
 # ---------------------------------------------------------------------------
-# config resolution
+# the configuration
 # ---------------------------------------------------------------------------
 
 
-def _field_types() -> dict[str, object]:
-    hints = typing.get_type_hints(ExperimentConfig)
-    return {f.name: hints[f.name] for f in dataclasses.fields(ExperimentConfig)}
+def new_config(name: str, quick: bool, assignments: list[str]) -> ExperimentConfig:
+    """The registry entry's configuration, with --quick and --set applied."""
+    experiment = EXPERIMENTS[name]
+    algorithm = experiment.algorithm
+    for assignment in assignments:  # a new algorithm changes the strategy section and its defaults
+        key, _, text = assignment.partition("=")
+        if key.strip() == "algorithm":
+            algorithm = text.strip()
+    config = default_tree(name, experiment.kind, experiment.task_type, algorithm, TASKS[experiment.task_type])
+    config = apply(config, {**experiment.settings, **(experiment.quick if quick else {})})
+    return apply_command_line(config, [a for a in assignments if a.partition("=")[0].strip() != "algorithm"])
 
 
-def parse_value(key: str, text: str, annotation) -> object:
-    """Parse `text` as the type of config field `key` (int, float, str, bool, or X | None)."""
-    args = typing.get_args(annotation)
-    if typing.get_origin(annotation) in (typing.Union, types.UnionType) and type(None) in args:
-        if text.lower() in ("none", "null"):
-            return None
-        (annotation,) = [a for a in args if a is not type(None)]
-    try:
-        if annotation is bool:
-            lowered = text.lower()
-            if lowered in ("1", "true", "yes", "on"):
-                return True
-            if lowered in ("0", "false", "no", "off"):
-                return False
-            raise ValueError
-        if annotation is int:
-            return int(text)
-        if annotation is float:
-            return float(text)
-        if annotation is str:
-            return text
-    except ValueError:
-        pass
-    type_name = getattr(annotation, "__name__", str(annotation))
-    raise UsageError(f"--set {key}={text}: expected a value of type {type_name}")
+def stored_config(record: dict) -> ExperimentConfig:
+    """The configuration a run directory's config.json recorded."""
+    tree = record["config"]
+    config = default_tree(tree["name"], tree["kind"], tree["task_type"], tree["algorithm"], TASKS[tree["task_type"]])
+    flat = {key: value for key, value in _flatten(tree).items() if key not in ("name", "kind", "task_type")}
+    return apply(config, flat)
 
 
-def apply_overrides(config: ExperimentConfig, assignments: list[str]) -> ExperimentConfig:
-    types_by_key = _field_types()
-    changes = {}
-    for assignment in assignments:
-        if "=" not in assignment:
-            raise UsageError(f"--set {assignment!r}: expected key=value")
-        key, text = assignment.split("=", 1)
-        key = key.strip()
-        if key not in types_by_key or key in ("name", "kind"):
-            raise UsageError(f"--set {key}: unknown config key; see the fields of ExperimentConfig in experiments/registry.py")
-        changes[key] = parse_value(key, text.strip(), types_by_key[key])
-    return dataclasses.replace(config, **changes)
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[prefix + key] = value
+    return flat
 
 
-def resolve_config(args: argparse.Namespace) -> ExperimentConfig:
-    if args.resume:
-        saved = Path(args.resume) / "config.json"
-        if not saved.exists():
-            raise UsageError(f"--resume {args.resume}: no config.json there; pass the run directory of an earlier run")
-        stored = json.loads(saved.read_text())["experiment"]
-        if stored["name"] != args.name:
-            raise UsageError(f"--resume {args.resume} is a run of {stored['name']!r}, not {args.name!r}")
-        known = {f.name for f in dataclasses.fields(ExperimentConfig)}
-        config = ExperimentConfig(**{k: v for k, v in stored.items() if k in known})
-    else:
-        experiment = EXPERIMENTS[args.name]
-        config = copy.deepcopy(experiment.config)
-        if args.quick:
-            config = dataclasses.replace(config, **experiment.quick)
-    config = apply_overrides(config, args.set)
+def resolve_config(args: argparse.Namespace) -> tuple[ExperimentConfig, dict]:
+    """(configuration, changes made on resume) from the command line; nothing is read but config.json."""
+    assignments = list(args.set)
     if args.model:
-        config = dataclasses.replace(config, model=args.model)
+        assignments.append(f"model.path={args.model}")
     if args.device:
-        config = dataclasses.replace(config, device=args.device)
-    from algorithms.base import strategy_names
-
-    if config.algorithm not in strategy_names():
-        raise UsageError(f"unknown algorithm {config.algorithm!r}; known: {', '.join(strategy_names())}")
+        assignments.append(f"device={args.device}")
+    changes = {}
+    if args.resume:
+        path = Path(args.resume) / "config.json"
+        if not path.exists():
+            raise UsageError(f"--resume {args.resume}: no config.json there; pass the run directory of an earlier run")
+        stored = stored_config(json.loads(path.read_text()))
+        if stored.name != args.name:
+            raise UsageError(f"--resume {args.resume} is a run of {stored.name!r}, not {args.name!r}")
+        if any(a.partition("=")[0].strip() == "algorithm" for a in assignments):
+            raise UsageError("--resume: the algorithm of a run cannot change; start a new run")
+        config = apply_command_line(stored, assignments)
+        before, after = leaves(stored), leaves(config)
+        changes = {key: [before[key][1], after[key][1]] for key in after if after[key][1] != before[key][1]}
+        refused = sorted(set(changes) - set(RESUMABLE_CHANGES))
+        if refused:
+            key = refused[0]
+            raise UsageError(f"--resume: {key} was {changes[key][0]!r} in that run, {changes[key][1]!r} now; a resumed "
+                             f"run keeps its settings except {', '.join(RESUMABLE_CHANGES)} (start a new run instead)")
+    else:
+        config = new_config(args.name, args.quick, assignments)
+    check_tree(config)
     if config.device == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda: no CUDA device is available here; use --device cpu")
-    return config
+        raise UsageError("device=cuda: no CUDA device is available here; use --device cpu")
+    return config, changes
 
 
 def describe_environment() -> dict:
-    import numpy
     import transformers
 
     return {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "numpy": numpy.__version__,
-        "platform": platform.platform(),
+        "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
+        "numpy": np.__version__, "platform": platform.platform(),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
     }
 
 
-def write_config(run_dir: Path, config: ExperimentConfig, extra: dict) -> None:
-    record = {
-        "experiment": dataclasses.asdict(config),
-        "environment": describe_environment(),
-        "command": sys.argv,
-        **extra,
-    }
-    (run_dir / "config.json").write_text(json.dumps(record, indent=2, default=str))
+def write_config(run_dir: Path, config: ExperimentConfig, extra: dict, changes: dict | None = None) -> None:
+    """config.json: the resolved tree, the environment, the command; a resume appends its changes."""
+    path = run_dir / "config.json"
+    if changes is not None and path.exists():
+        record = json.loads(path.read_text())
+        record["config"] = to_dict(config)
+        record.setdefault("resumes", []).append({"time": time.strftime("%Y-%m-%d %H:%M:%S"), "command": sys.argv,
+                                                 "changes": changes})
+    else:
+        record = {"config": to_dict(config), "environment": describe_environment(), "command": sys.argv, **extra}
+    temporary = path.with_suffix(".json.tmp")
+    temporary.write_text(json.dumps(record, indent=2, default=str))
+    temporary.replace(path)
 
 
 # ---------------------------------------------------------------------------
-# main
+# the pipeline
+# ---------------------------------------------------------------------------
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def build_task(config: ExperimentConfig, data_dir: str | None):
+    """(task, tokenizer corpus, data source description, data fingerprint)."""
+    if config.task_type == "sort":
+        from experiments.sort_task import SortTask
+
+        task = SortTask(config.task, config.seed)
+        return task, task.corpus(), "built-in digit sorting", "sort"
+    from experiments.data import DataError
+    from experiments.rec_task import build_recommendation_task
+
+    try:
+        task, data = build_recommendation_task(config.task, data_dir)
+    except (DataError, ValueError) as error:
+        raise ExperimentError(str(error)) from error
+    if data.source == "reddit-v2":
+        print(f"data: Reddit-v2 conversations ({len(data.train)} train / {len(data.test)} test)")
+    else:
+        print(f"data: Reddit-v2 not found in the data dir; using the MovieLens-100K conversational set instead "
+              f"({len(data.train)} train / {len(data.test)} test requests)")
+    return task, task.corpus(), data.source, data.fingerprint
+
+
+def build_policy(config: ExperimentConfig, corpus: list[str], source: str | None = None):
+    """(model, tokenizer): `source` or `model.path` when given, else a tiny model + a tokenizer trained on `corpus`."""
+    from models.loader import ModelLoadError, load_model_and_tokenizer
+    from models.tiny import build_tiny_model, train_tokenizer
+
+    source = source or config.model.path
+    if source:
+        try:
+            return load_model_and_tokenizer(source, device=config.device)
+        except ModelLoadError as error:
+            raise ExperimentError(str(error)) from error
+    tokenizer = train_tokenizer(corpus, vocab_size=config.model.vocab_size)
+    model = build_tiny_model(config.model.tiny, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                             eos_token_id=tokenizer.eos_token_id, seed=config.seed)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model.to(config.device), tokenizer
+
+
+def sft_cache_dir(config: ExperimentConfig, data_fingerprint: str) -> Path:
+    """$RECRL_CACHE_DIR (default ~/.cache/recrl)/sft/<hash of everything the SFT checkpoint depends on>."""
+    from experiments.data.common import cache_dir
+
+    identity = {"sft": dataclasses.asdict(config.sft), "model": dataclasses.asdict(config.model),
+                "task": dataclasses.asdict(config.task), "task_type": config.task_type, "seed": config.seed,
+                "max_prompt_length": config.trainer.max_prompt_length,
+                "max_new_tokens": config.sampling.max_new_tokens, "data": data_fingerprint}
+    digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+    return cache_dir() / "sft" / f"{config.task_type}-{digest}"
+
+
+def run_sft_stage(config: ExperimentConfig, task, corpus: list[str], data_fingerprint: str) -> Path:
+    """Supervised warm start, cached per configuration: returns a save_pretrained folder to start RL from."""
+    from tqdm.auto import tqdm
+
+    from engine.sft import supervised_finetune
+
+    folder = sft_cache_dir(config, data_fingerprint)
+    if (folder / "config.json").exists():
+        print(f"SFT: reusing cached checkpoint {folder}")
+        return folder
+    seed_everything(config.seed)
+    model, tokenizer = build_policy(config, corpus)
+    chats, completions = task.demonstrations()
+    print(f"SFT: {config.sft.steps} steps on {len(chats)} demonstrations")
+    progress = tqdm(total=config.sft.steps, desc="sft", dynamic_ncols=True)
+
+    def on_step(metrics):
+        progress.update(1)
+        progress.set_postfix(loss=f"{metrics['sft_loss']:.3f}")
+
+    history = supervised_finetune(model, tokenizer, chats, completions, config.sft, seed=config.seed,
+                                  max_prompt_length=config.trainer.max_prompt_length,
+                                  max_completion_length=config.sampling.max_new_tokens, on_step=on_step)
+    progress.close()
+    temporary = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
+    shutil.rmtree(temporary, ignore_errors=True)
+    model.save_pretrained(temporary)
+    tokenizer.save_pretrained(temporary)
+    (temporary / "sft_history.json").write_text(json.dumps(history))
+    shutil.rmtree(folder, ignore_errors=True)
+    temporary.rename(folder)
+    return folder
+
+
+def run_rl(config: ExperimentConfig, run_dir: Path, task, corpus: list[str], resume: bool, changes: dict,
+           initial_model: str | None, initial_stage_name: str, extra_record: dict) -> dict[str, float]:
+    """RL on `task` from `initial_model` (or the configured model); returns the final evaluation."""
+    from algorithms.registry import strategy_class
+    from engine.learner import Learner
+    from engine.trainer import Trainer
+    from fastdecode import fast_decoder
+    from models.loader import enable_activation_checkpointing
+
+    seed_everything(config.seed)
+    model, tokenizer = build_policy(config, corpus, initial_model)
+    reference_model = copy.deepcopy(model) if config.learner.kl_coef > 0 else None
+    if config.model.gradient_checkpointing:
+        enable_activation_checkpointing(model)
+    strategy = strategy_class(config.algorithm)(config.strategy, tokenizer=tokenizer, task=task)
+    learner_config = dataclasses.replace(config.learner, loss_max_length=config.learner.loss_max_length
+                                         or config.sampling.max_new_tokens)  # Dr. GRPO's constant L_max
+    steps = config.trainer.max_steps * config.learner.ppo_epochs * config.learner.mini_batches
+    learner = Learner(model, learner_config, strategy, reference_model=reference_model, total_optimizer_steps=steps)
+    trainer = Trainer(model, tokenizer, task, strategy, learner, config.trainer, config.sampling, run_dir,
+                      seed=config.seed, stage_name=config.algorithm, initial_stage_name=initial_stage_name,
+                      make_decoder=fast_decoder)
+    if resume:
+        print(f"resuming {config.name} from step {trainer.resume(run_dir)}")
+        write_config(run_dir, config, extra_record, changes)
+    else:
+        write_config(run_dir, config, {"initial_model": initial_model or config.model.path or "tiny (random init)",
+                                       **extra_record})
+    return trainer.train()
+
+
+def run_sft_only(config: ExperimentConfig, run_dir: Path, task, corpus: list[str], data_source: str,
+                 fingerprint: str) -> dict:
+    """SFT (cached) and its evaluation on the test split, as stage "sft" of eval.json."""
+    from engine.tokens import eos_token_ids
+    from engine.trainer import greedy_generate, write_eval
+    from fastdecode import fast_decoder
+
+    folder = run_sft_stage(config, task, corpus, fingerprint)
+    write_config(run_dir, config, {"data_source": data_source, "sft_checkpoint": str(folder)})
+    model, tokenizer = build_policy(config, corpus, str(folder))
+    stop_ids = eos_token_ids(tokenizer, model)
+    results = task.evaluate(lambda chats, prompt_indices=None, logits_hook=None: greedy_generate(
+        model, tokenizer, chats, config.sampling.max_new_tokens, config.trainer.max_prompt_length,
+        config.trainer.eval_batch_size, stop_ids, fast_decoder, prompt_indices, logits_hook))
+    write_eval(run_dir, "sft", results)
+    return results
+
+
+def run_experiment(config: ExperimentConfig, run_dir: Path, data_dir: str | None, resume: bool,
+                   changes: dict | None = None) -> None:
+    if config.kind == "baselines":
+        from experiments.baselines import run_baselines
+        from experiments.data import DataError
+
+        write_config(run_dir, config, {"data_source": "movielens-100k"})
+        try:
+            run_baselines(run_dir, data_dir=data_dir, list_length=config.task.list_length or 20)
+        except DataError as error:
+            raise ExperimentError(str(error)) from error
+        return
+    task, corpus, data_source, fingerprint = build_task(config, data_dir)
+    if config.kind == "sft":
+        final = run_sft_only(config, run_dir, task, corpus, data_source, fingerprint)
+        print("sft eval: " + ", ".join(f"{k}={v:.4f}" for k, v in final.items()))
+        return
+    initial_model = str(run_sft_stage(config, task, corpus, fingerprint)) if config.sft.steps > 0 else None
+    final = run_rl(config, run_dir, task, corpus, resume, changes or {}, initial_model,
+                   "sft" if initial_model else "initial", {"data_source": data_source})
+    print("final eval: " + ", ".join(f"{k}={v:.4f}" for k, v in final.items()))
+
+
+# ---------------------------------------------------------------------------
+# the command line
 # ---------------------------------------------------------------------------
 
 
@@ -153,7 +334,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="python -m experiments.run", description=__doc__.split("\n\n")[0])
     parser.add_argument("name", nargs="?", help="experiment name (see --list)")
     parser.add_argument("--list", action="store_true", help="list the experiments and exit")
-    parser.add_argument("--out", help="run directory (default runs/NAME-TIMESTAMP)")
+    parser.add_argument("--show-config", action="store_true", help="print every config key with its value and exit")
+    parser.add_argument("--out", help="run directory (default runs/NAME-TIMESTAMP-PID)")
     parser.add_argument("--data-dir", help="data folder (else $RECRL_DATA_DIR, else ~/.cache/recrl)")
     parser.add_argument("--model", help="local checkpoint folder or hub id (default: a tiny model built here)")
     parser.add_argument("--device", choices=["cpu", "cuda"])
@@ -164,9 +346,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
     try:
-        args = parser.parse_args(argv)
+        args = build_parser().parse_args(argv)
         if args.list:
             width = max(len(n) for n in experiment_names())
             for name in experiment_names():
@@ -178,30 +359,24 @@ def main(argv: list[str] | None = None) -> int:
             raise UsageError(f"unknown experiment {args.name!r}; known: {', '.join(experiment_names())}")
         if args.resume and not Path(args.resume).is_dir():
             raise UsageError(f"--resume {args.resume}: no such run directory")
-        config = resolve_config(args)
+        config, changes = resolve_config(args)
+        if args.show_config:
+            print(describe(config, default_tree(config.name, config.kind, config.task_type, config.algorithm,
+                                                TASKS[config.task_type])))
+            return 0
+        if args.resume:
+            run_dir = Path(args.resume)
+        else:
+            run_dir = Path(args.out or f"runs/{config.name}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
+            if run_dir.exists() and any(run_dir.iterdir()):
+                raise UsageError(f"--out {run_dir} is not empty; choose a new directory or --resume it")
     except UsageError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-
-    from experiments import runners  # imported late: --list and usage errors stay fast
-
-    try:
-        runners.check_config(config)
-    except runners.ExperimentError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    if args.resume:
-        run_dir = Path(args.resume)
-    else:
-        run_dir = Path(args.out or f"runs/{config.name}-{time.strftime('%Y%m%d-%H%M%S')}")
-        if run_dir.exists() and any(run_dir.iterdir()):
-            print(f"error: --out {run_dir} is not empty; choose a new directory or --resume it", file=sys.stderr)
-            return 2
     run_dir.mkdir(parents=True, exist_ok=True)
-
     try:
-        runners.run_experiment(config, run_dir, data_dir=args.data_dir, resume=bool(args.resume))
-    except runners.ExperimentError as error:
+        run_experiment(config, run_dir, data_dir=args.data_dir, resume=bool(args.resume), changes=changes)
+    except ExperimentError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(f"run directory: {run_dir}")

@@ -20,7 +20,23 @@ from typing import Callable
 import numpy as np
 import torch
 
+from engine.config import check
+
 _DIGIT = re.compile(r"\d")
+
+
+@dataclass
+class SortTaskConfig:
+    train_size: int = 5000
+    eval_size: int = 128
+    min_digits: int = 3
+    max_digits: int = 5
+
+    def __post_init__(self) -> None:
+        check(self.train_size >= 1, "train_size", self.train_size, "must be >= 1")
+        check(self.eval_size >= 1, "eval_size", self.eval_size, "must be >= 1")
+        check(self.min_digits >= 1, "min_digits", self.min_digits, "must be >= 1")
+        check(self.max_digits >= self.min_digits, "max_digits", self.max_digits, "must be >= min_digits")
 
 
 @dataclass
@@ -52,11 +68,9 @@ def make_examples(count: int, min_digits: int, max_digits: int, seed: int) -> li
 class SortTask:
     """Train and eval prompts for digit sorting (disjoint random draws from different seeds)."""
 
-    def __init__(self, train_size: int, eval_size: int, min_digits: int, max_digits: int, seed: int):
-        if not 1 <= min_digits <= max_digits:
-            raise ValueError(f"need 1 <= sort_min_digits <= sort_max_digits, got {min_digits}, {max_digits}")
-        self.train = make_examples(train_size, min_digits, max_digits, seed)
-        self.eval = make_examples(eval_size, min_digits, max_digits, seed + 1_000_003)
+    def __init__(self, config: SortTaskConfig, seed: int):
+        self.train = make_examples(config.train_size, config.min_digits, config.max_digits, seed)
+        self.eval = make_examples(config.eval_size, config.min_digits, config.max_digits, seed + 1_000_003)
 
     def corpus(self) -> list[str]:
         """Text to train a tokenizer on: prompts and answers."""
@@ -72,7 +86,7 @@ class SortTask:
     def train_messages(self, index: int) -> list[dict]:
         return [{"role": "user", "content": self.train[index].prompt}]
 
-    def rewards(self, prompt_indices: list[int], completions: list[str]) -> torch.Tensor:
+    def rewards(self, prompt_indices: list[int], completions: list[str], rollout=None) -> torch.Tensor:
         return torch.tensor(
             [sort_reward(text, self.train[i].digits) for i, text in zip(prompt_indices, completions)],
             dtype=torch.float32,

@@ -72,9 +72,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["KVDecoder", "sample_categorical", "sample_exponential_race", "sample_inverse_cdf"]
+__all__ = ["KVDecoder", "unsupported_reason"]
 
-_SUPPORTED_MODEL_TYPES = ("llama", "qwen2")
 # rope types whose cos/sin depend only on the position (not on the sequence
 # length); for these the model's rotary module gives an exact, static table.
 _STATIC_ROPE_TYPES = ("default", "linear", "llama3")
@@ -105,33 +104,40 @@ def _onednn_available() -> bool:
         return False
 
 
+def unsupported_reason(model) -> str | None:
+    """Why `KVDecoder` cannot snapshot `model` (None: it can). Subclasses of the transformers
+    Llama / Qwen2 causal LMs count (FSDP2's `fully_shard` makes one)."""
+    from transformers import LlamaForCausalLM, Qwen2ForCausalLM
+
+    config = getattr(model, "config", None)
+    if not isinstance(model, (LlamaForCausalLM, Qwen2ForCausalLM)) or config is None:
+        return f"{type(model).__name__} is not a Llama / Qwen2 causal LM"
+    if any(type(p).__name__ == "DTensor" for p in model.parameters()):
+        return "its weights are sharded (FSDP2); gather them into a full copy first"
+    if _rope_type(config) not in _STATIC_ROPE_TYPES:
+        return f"rope type {_rope_type(config)!r} is not one of {_STATIC_ROPE_TYPES}"
+    if any(t != "full_attention" for t in getattr(config, "layer_types", None) or []):
+        return "it has sliding-window layers"
+    if config.model_type == "qwen2" and getattr(config, "use_sliding_window", False) \
+            and getattr(config, "sliding_window", None) is not None:
+        return "it uses sliding-window attention"
+    if getattr(config, "hidden_act", None) not in ("silu", "swish"):
+        return f"activation {getattr(config, 'hidden_act', None)!r} is not silu"
+    if getattr(config, "pretraining_tp", 1) not in (None, 1):
+        return "pretraining_tp > 1"
+    inner = getattr(model, "model", None)
+    if inner is None or not hasattr(inner, "rotary_emb") or not hasattr(inner, "layers"):
+        return "it lacks the usual model.layers / model.rotary_emb structure"
+    return None
+
+
 class KVDecoder:
     """Lean prefill + single-token decode forward for the Llama/Qwen2 family, built from a transformers model's weights."""
 
     # ------------------------------------------------------------------ setup
     @staticmethod
     def supports(model) -> bool:
-        config = getattr(model, "config", None)
-        if config is None or getattr(config, "model_type", None) not in _SUPPORTED_MODEL_TYPES:
-            return False
-        if type(model).__name__ not in ("LlamaForCausalLM", "Qwen2ForCausalLM"):
-            return False
-        if _rope_type(config) not in _STATIC_ROPE_TYPES:
-            return False
-        layer_types = getattr(config, "layer_types", None) or []
-        if any(t != "full_attention" for t in layer_types):
-            return False
-        if config.model_type == "qwen2" and getattr(config, "use_sliding_window", False) \
-                and getattr(config, "sliding_window", None) is not None:
-            return False
-        if getattr(config, "hidden_act", None) not in ("silu", "swish"):
-            return False
-        if getattr(config, "pretraining_tp", 1) not in (None, 1):
-            return False
-        inner = getattr(model, "model", None)
-        if inner is None or not hasattr(inner, "rotary_emb") or not hasattr(inner, "layers"):
-            return False
-        return True
+        return unsupported_reason(model) is None
 
     def __init__(self, model, max_batch_size: int, max_total_length: int, pack_weights: bool | None = None,
                  dtype: torch.dtype | None = None, cuda_graphs: bool | None = None, static_decode: bool = False,
@@ -148,7 +154,7 @@ class KVDecoder:
         ``graph_bucket``: generated-key length granularity of the captured
         steps. Cost: a few cats/copies of the weights (~10 ms at C0)."""
         if not self.supports(model):
-            raise ValueError(f"KVDecoder does not support {type(model).__name__} with this config")
+            raise ValueError(f"KVDecoder cannot sample {type(model).__name__}: {unsupported_reason(model)}")
         inner = model.model
         config = model.config
         attn0 = inner.layers[0].self_attn
@@ -517,39 +523,3 @@ class KVDecoder:
             cache[:, : n * KV].view(n_layers, n, KV, Lm, D)[:, :, :, :t].copy_(rows)
         self.positions[:n] = self.positions.index_select(0, idx)
         self.P, self.R = n, 1
-
-
-def sample_categorical(probs: Tensor, generator: torch.Generator | None = None) -> Tensor:
-    """One index per row of ``probs`` [B, V] (non-negative, need not sum to 1), drawn
-    with probability ``probs[b, i] / probs[b].sum()``: the distribution of
-    ``torch.multinomial(probs, 1).squeeze(1)``, by whichever exact method is cheapest
-    on the device. Zero-probability entries are never drawn."""
-    if probs.device.type == "cuda":
-        return sample_exponential_race(probs, generator)
-    return sample_inverse_cdf(probs, generator)
-
-
-def sample_inverse_cdf(probs: Tensor, generator: torch.Generator | None = None) -> Tensor:
-    """Inverse CDF: float64 cumsum + one uniform per row + searchsorted. On CPU ~20x
-    cheaper than ``torch.multinomial`` (at C0, 32 x 4096, multinomial costs ~2 ms per
-    step, more than a whole decode step). ``right=True`` picks the first index whose cdf
-    exceeds u * total, so zero-probability entries are never drawn."""
-    cdf = probs.to(torch.float64).cumsum_(-1)                                             # [B, V]
-    u = torch.rand(probs.shape[0], 1, dtype=torch.float64, device=probs.device, generator=generator)
-    idx = torch.searchsorted(cdf, u.mul_(cdf[:, -1:]), right=True).squeeze(1)             # [B]
-    return idx.clamp_(max=probs.shape[-1] - 1)
-
-
-def sample_exponential_race(probs: Tensor, generator: torch.Generator | None = None) -> Tensor:
-    """Exponential race: with E_i ~ Exp(1) independent, E_i / p_i ~ Exp(rate p_i), and the
-    smallest of independent exponentials is index i with probability p_i / sum(p); so
-    argmax p_i / E_i is an exact draw. Three element-wise passes and a row argmax, no
-    scan: on a GPU ~10x cheaper than the float64 cumsum of the inverse CDF at a 152k
-    vocabulary. Done in fp32 (bf16 draws would tie). E is clamped away from 0 so that
-    p = 0 gives 0 / E = 0, never NaN. A row with no positive entry (all zero, or NaN
-    from a diverged model) gives index 0; its log-prob is then NaN or -inf, which the
-    learner's non-finite guard catches."""
-    probs = probs.float()
-    race = torch.empty_like(probs).exponential_(generator=generator)                      # [B, V]
-    race.clamp_(min=torch.finfo(race.dtype).tiny)
-    return probs.div(race).argmax(dim=-1)                                                 # [B]

@@ -34,6 +34,9 @@ from transformers import (
     Qwen2Config,
 )
 
+from engine.config import check, check_choice
+
+ARCHITECTURES = ("qwen2", "llama")
 PAD_TOKEN = "<|endoftext|>"
 CHAT_START_TOKEN = "<|im_start|>"
 EOS_TOKEN = "<|im_end|>"
@@ -61,6 +64,19 @@ class TinyModelConfig:
     tie_word_embeddings: bool = True
     rope_theta: float = 10000.0
 
+    def __post_init__(self) -> None:
+        check_choice("architecture", self.architecture, ARCHITECTURES)
+        for name in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size",
+                     "max_position_embeddings"):
+            check(getattr(self, name) >= 1, name, getattr(self, name), "must be >= 1")
+        check(self.hidden_size % self.num_heads == 0, "hidden_size", self.hidden_size,
+              f"must be a multiple of num_heads ({self.num_heads}): hidden_size = num_heads * head_dim")
+        check(self.hidden_size // self.num_heads % 2 == 0, "hidden_size", self.hidden_size,
+              f"hidden_size / num_heads = {self.hidden_size // self.num_heads} must be even (RoPE rotates pairs)")
+        check(self.num_heads % self.num_kv_heads == 0, "num_kv_heads", self.num_kv_heads,
+              f"must divide num_heads ({self.num_heads})")
+        check(self.rope_theta > 0, "rope_theta", self.rope_theta, "must be > 0")
+
 
 def build_tiny_model(
     config: TinyModelConfig,
@@ -70,15 +86,6 @@ def build_tiny_model(
     seed: int = 0,
 ) -> PreTrainedModel:
     """A randomly initialised Qwen2 or Llama causal LM with the given dimensions (fp32)."""
-    if config.hidden_size % config.num_heads != 0:
-        raise ValueError(
-            f"hidden_size {config.hidden_size} is not divisible by num_heads {config.num_heads}; "
-            "pick dimensions with hidden_size = num_heads * head_dim"
-        )
-    if config.num_heads % config.num_kv_heads != 0:
-        raise ValueError(
-            f"num_heads {config.num_heads} is not a multiple of num_kv_heads {config.num_kv_heads}"
-        )
     common = dict(
         vocab_size=vocab_size,
         hidden_size=config.hidden_size,
@@ -93,12 +100,7 @@ def build_tiny_model(
         eos_token_id=eos_token_id,
         bos_token_id=None,
     )
-    if config.architecture == "qwen2":
-        hf_config = Qwen2Config(**common)
-    elif config.architecture == "llama":
-        hf_config = LlamaConfig(**common)
-    else:
-        raise ValueError(f"unknown architecture {config.architecture!r}; use 'qwen2' or 'llama'")
+    hf_config = Qwen2Config(**common) if config.architecture == "qwen2" else LlamaConfig(**common)
     # Initialisation draws from the global torch RNG: fork it so building a model
     # never changes the caller's random stream.
     with torch.random.fork_rng(devices=[]):

@@ -46,7 +46,7 @@ def llama_model(tokenizer):
 
 def left_padded_prompts(tokenizer, texts):
     """Chat-formatted, left-padded prompt ids/mask [P, S] of mixed lengths."""
-    from engine.trainer import encode_prompts
+    from engine.tokens import encode_prompts
 
     chats = [[{"role": "user", "content": text}] for text in texts]
     return encode_prompts(tokenizer, chats, max_length=256, device=torch.device("cpu"))

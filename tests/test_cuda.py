@@ -14,9 +14,10 @@ import pytest
 import torch
 
 from algorithms.grpo import GRPO
-from engine.decoder import KVDecoder, sample_categorical
-from engine.learner import Learner, LearnerConfig, PolicyBatch
-from engine.rollout import SamplingConfig, make_decoder, sample
+from fastdecode import KVDecoder, fast_decoder
+from engine.rollout import sample_categorical
+from engine.learner import Learner, LearnerConfig, PolicyBatch, Rewards
+from engine.rollout import SamplingConfig, sample
 from tests.conftest import hf_logits, left_padded_prompts, make_model, recompute_gaps
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -37,9 +38,10 @@ def _model(tokenizer, architecture="qwen2", tie=False, dtype=torch.float32):
 
 def _sample(model, tokenizer, temperature, group_size=4, max_new_tokens=24, eos=None, seed=0, **sampling):
     ids, mask = _prompts(tokenizer)
-    config = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, **sampling)
+    config = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature or 1.0, **sampling)
     return sample(model, ids, mask, group_size, config, [tokenizer.eos_token_id] if eos is None else eos,
-                  tokenizer.pad_token_id, torch.Generator(device=CUDA).manual_seed(seed))
+                  tokenizer.pad_token_id, torch.Generator(device=CUDA).manual_seed(seed), greedy=temperature == 0,
+                  make_decoder=fast_decoder)
 
 
 def _eos_ending_some_rows(model, tokenizer, temperature=1.0, seed=0) -> int:
@@ -141,8 +143,8 @@ def test_bf16_decoder_over_fp32_weights_matches_autocast_recompute(tokenizer):
     """What a trainer on a GPU does ("auto": a bf16 snapshot of fp32 weights), then recompute
     under bf16 autocast."""
     model = _model(tokenizer)
-    assert make_decoder(model, 4, 16, "auto").dtype == torch.bfloat16
-    assert make_decoder(model, 4, 16, "model").dtype == torch.float32
+    assert fast_decoder(model, 4, 16, SamplingConfig(dtype="auto")).dtype == torch.bfloat16
+    assert fast_decoder(model, 4, 16, SamplingConfig(dtype="model")).dtype == torch.float32
     rollout = _sample(model, tokenizer, 1.0, dtype="auto")
     assert next(model.parameters()).dtype == torch.float32
     max_gap, mean_gap = recompute_gaps(model, rollout, autocast=True)
@@ -153,9 +155,9 @@ def test_autocast_learner_with_offloaded_reference(tokenizer):
     strategy = GRPO()
     policy_for_sampling = _model(tokenizer)
     rollout = _sample(policy_for_sampling, tokenizer, 1.0, eos=[_eos_ending_some_rows(policy_for_sampling, tokenizer)])
-    rewards = torch.linspace(0.0, 1.0, rollout.num_rows, device=CUDA) ** 2
-    unit_ids = strategy.unit_ids(rollout, tokenizer)
-    batch = PolicyBatch(rollout, unit_ids, strategy.advantages(rewards, rollout, unit_ids))
+    rewards = Rewards.from_tensor(torch.linspace(0.0, 1.0, rollout.num_rows, device=CUDA) ** 2)
+    unit_ids = strategy.unit_ids(rollout, rewards)
+    batch = PolicyBatch(rollout, rewards, unit_ids, strategy.advantages(rewards, rollout, unit_ids))
     results = []
     for offload in (False, True):
         model = _model(tokenizer)

@@ -1,10 +1,11 @@
-"""engine/decoder.py: KVDecoder logits == transformers forward on the full sequence."""
+"""fastdecode/kv_decoder.py: KVDecoder logits == transformers forward on the full sequence."""
 
 import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from engine.decoder import KVDecoder, sample_exponential_race, sample_inverse_cdf
+from fastdecode import KVDecoder
+from engine.rollout import sample_exponential_race, sample_inverse_cdf
 from tests.conftest import hf_logits
 
 TOL = 1e-5

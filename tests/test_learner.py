@@ -1,12 +1,14 @@
 """Learner: gradient accumulation is exact, on-policy ratio is 1, PPO epochs, LR schedules, SFT."""
 
 import math
+import re
 
 import pytest
 import torch
 
 from algorithms.grpo import GRPO, GSPO
-from engine.learner import Learner, LearnerConfig, PolicyBatch, lr_multiplier
+from engine.config import ConfigError
+from engine.learner import Learner, LearnerConfig, PolicyBatch, Rewards, lr_multiplier
 from engine.rollout import SamplingConfig, sample
 from engine.sft import SFTConfig, supervised_finetune
 from models.loader import enable_activation_checkpointing
@@ -25,9 +27,10 @@ def _batch(model, tokenizer, strategy, group_size=4, seed=0):
     eos = int(probe.completion_ids.flatten().mode().values)
     rollout = sample(model, ids, mask, group_size, SamplingConfig(max_new_tokens=16), [eos], tokenizer.pad_token_id,
                      torch.Generator().manual_seed(seed))
-    rewards = torch.linspace(0.0, 1.0, rollout.num_rows).flip(0) ** 2
-    unit_ids = strategy.unit_ids(rollout, tokenizer)
-    return PolicyBatch(rollout, unit_ids, strategy.advantages(rewards, rollout, unit_ids))
+    rewards = Rewards.from_tensor(torch.linspace(0.0, 1.0, rollout.num_rows).flip(0) ** 2)
+    unit_ids = strategy.unit_ids(rollout, rewards)
+    return PolicyBatch(rollout, rewards, unit_ids, strategy.advantages(rewards, rollout, unit_ids),
+                       strategy.num_units(rewards))
 
 
 def _gradients(tokenizer, batch, strategy, **config):
@@ -45,8 +48,8 @@ def test_gradient_accumulation_equals_one_big_batch(tokenizer, qwen_model, mode)
     batch = _batch(qwen_model, tokenizer, strategy)
     lengths = batch.rollout.completion_lengths
     assert lengths.unique().numel() > 1  # uneven lengths
-    one, _ = _gradients(tokenizer, batch, strategy, micro_batch_size=12, loss_agg_mode=mode)
-    four, _ = _gradients(tokenizer, batch, strategy, micro_batch_size=3, loss_agg_mode=mode)
+    one, _ = _gradients(tokenizer, batch, strategy, micro_batch_size=12, loss_agg_mode=mode, loss_max_length=16)
+    four, _ = _gradients(tokenizer, batch, strategy, micro_batch_size=3, loss_agg_mode=mode, loss_max_length=16)
     assert len(one) == len(four) == 1
     for full, accumulated in zip(one[0], four[0]):
         torch.testing.assert_close(accumulated, full, atol=1e-6, rtol=1e-5)
@@ -71,7 +74,7 @@ def test_kl_needs_reference_and_is_zero_against_itself(tokenizer, qwen_model):
     batch = _batch(qwen_model, tokenizer, strategy)
     with pytest.raises(ValueError, match="reference model"):
         Learner(make_model(tokenizer), LearnerConfig(kl_coef=0.1), strategy)
-    learner = Learner(make_model(tokenizer), LearnerConfig(kl_coef=0.1, lr=0.0), strategy,
+    learner = Learner(make_model(tokenizer), LearnerConfig(kl_coef=0.1, lr=1e-8), strategy,
                       reference_model=make_model(tokenizer))
     assert learner.update(batch)["kl"] == pytest.approx(0.0, abs=1e-7)
 
@@ -116,8 +119,19 @@ def test_lr_schedules():
     assert lr_multiplier(6, "linear", 2, 10) == pytest.approx(0.5)
     assert lr_multiplier(6, "cosine", 2, 10) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.5)))
     assert lr_multiplier(10, "cosine", 2, 10) == pytest.approx(0.0)
-    with pytest.raises(ValueError, match="lr_schedule"):
+    with pytest.raises(ConfigError, match="lr_schedule='step': choose one of constant, linear, cosine"):
         LearnerConfig(lr_schedule="step")
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("lr", 0.0, "finite number > 0"), ("lr", float("nan"), "finite number > 0"), ("lr", float("inf"), "finite"),
+    ("ppo_epochs", 0, ">= 1"), ("clip_ratio_low", 1.0, "[0, 1)"), ("kl_loss_type", "k4", "k1, k2, k3"),
+    ("loss_agg_mode", "mean", "token_mean"), ("clip_ratio_c", 0.5, "> 1"), ("kl_coef", -1.0, ">= 0"),
+])
+def test_learner_config_rejects_bad_values(field, value, message):
+    with pytest.raises(ConfigError, match=re.escape(message)) as raised:
+        LearnerConfig(**{field: value})
+    assert raised.value.key == field
 
 
 def test_sft_lowers_completion_loss(tokenizer):
@@ -125,7 +139,7 @@ def test_sft_lowers_completion_loss(tokenizer):
     chats = [[{"role": "user", "content": f"Sort: {a} {b}"}] for a in range(3) for b in range(3)]
     answers = [" ".join(sorted([str(a), str(b)])) for a in range(3) for b in range(3)]
     history = supervised_finetune(model, tokenizer, chats, answers, SFTConfig(steps=30, lr=3e-3, batch_size=9,
-                                                                             warmup_steps=2))
+                                                                             warmup_steps=2), seed=0)
     assert history[-1]["sft_loss"] < 0.5 * history[0]["sft_loss"]
     with pytest.raises(ValueError, match="demonstrations"):
         supervised_finetune(model, tokenizer, chats, answers[:2], SFTConfig(steps=1))

@@ -1,12 +1,14 @@
-"""Loss math against the hand-computed oracles of gr2_dapo_gspo.md §5 and numpy written here."""
+"""Loss math against hand-computed oracles (docs/losses.md) and numpy written here.
+
+Every loss value goes through `engine.loss.policy_loss`, the one function the learner calls."""
 
 import numpy as np
 import pytest
 import torch
 
+from algorithms.base import token_unit_ids
 from algorithms.dapo import overlong_penalty
-from algorithms.grpo import GSPO, token_unit_ids
-from engine.loss import aggregate, clipped_surrogate, group_advantages, kl_penalty, unit_mean
+from engine.loss import LossConfig, aggregate, clipped_surrogate, group_advantages, kl_penalty, policy_loss, unit_mean
 
 OLD = [[-1.3, -0.6, -1.7], [-0.9, -1.0, -0.15]]
 NEW = [[-1.0, -0.5, -2.0], [-0.5, -1.3, -0.3]]
@@ -25,10 +27,9 @@ def _inputs(mask):
 
 def _token_loss(mode, mask, low=0.2, high=0.28, clip_c=None, kl_coef=0.0, max_length=None):
     logprobs, old, advantages, mask_t = _inputs(mask)
-    per_token, _ = clipped_surrogate((logprobs - old) * mask_t, advantages, low, high, clip_c)
-    if kl_coef:
-        per_token = per_token + kl_coef * kl_penalty(logprobs, torch.tensor(REF, dtype=torch.float64), "k3")
-    loss = aggregate(per_token, mask_t, mode, max_length=max_length)
+    config = LossConfig(clip_ratio_low=low, clip_ratio_high=high, clip_ratio_c=clip_c, loss_agg_mode=mode,
+                        loss_max_length=max_length, kl_coef=kl_coef)
+    loss, _ = policy_loss(logprobs, old, advantages, mask_t, config, ref_logprobs=torch.tensor(REF, dtype=torch.float64))
     loss.backward()
     return float(loss.detach()), logprobs.grad.numpy()
 
@@ -102,29 +103,34 @@ def test_log_ratio_is_clamped_before_exp():
 
 def _gspo_loss(mask, low, high):
     logprobs, old, advantages, mask_t = _inputs(mask)
-    unit_ids = torch.where(mask_t, 0, -1)
-    pooled = GSPO().pool_log_ratio((logprobs - old) * mask_t, unit_ids)
-    per_token, _ = clipped_surrogate(pooled, advantages, low, high)
-    loss = aggregate(per_token, mask_t, "seq_mean_token_mean")
+    unit_ids = torch.where(mask_t, 0, -1)  # the sequence unit
+    config = LossConfig(clip_ratio_low=low, clip_ratio_high=high, loss_agg_mode="seq_mean_token_mean")
+    loss, metrics = policy_loss(logprobs, old, advantages, mask_t, config, unit_ids=unit_ids, ratio_level="unit")
     loss.backward()
-    return float(loss.detach()), logprobs.grad.numpy(), pooled.detach().numpy()
+    pooled = unit_mean(((logprobs - old) * mask_t).detach(), unit_ids, num_units=1)
+    return float(loss.detach()), logprobs.grad.numpy(), pooled.numpy(), metrics
 
 
 def test_gspo_sequence_ratio_loss_and_gradient():
-    loss, grad, pooled = _gspo_loss(FULL, 0.2, 0.28)
+    loss, grad, pooled, metrics = _gspo_loss(FULL, 0.2, 0.28)
     np.testing.assert_allclose(pooled[:, 0], [0.033333, -0.016667], atol=1e-6)
     assert loss == pytest.approx(0.134915, abs=1e-6)
-    loss, grad, pooled = _gspo_loss(PAD, 0.2, 0.28)
+    # ratio statistics are those of the sequence ratios s_i, over the 6 tokens
+    assert float(metrics["ratio_max"]) == pytest.approx(1.033895, abs=1e-6)
+    assert float(metrics["ratio_min"]) == pytest.approx(0.983471, abs=1e-6)
+    assert float(metrics["ratio_sum"]) == pytest.approx(3 * (1.033895 + 0.983471), abs=1e-5)
+    loss, grad, pooled, _ = _gspo_loss(PAD, 0.2, 0.28)
     assert loss == pytest.approx(0.162035, abs=1e-6)
     np.testing.assert_allclose(grad, [[-0.086158] * 3, [0.210254, 0.210254, 0]], atol=1e-6)
     np.testing.assert_allclose(np.exp(pooled[:, 0]), [1.033895, 1.051271], atol=1e-6)
 
 
 def test_gspo_paper_clip_range():
-    loss, grad, _ = _gspo_loss(FULL, 3e-4, 4e-4)
+    loss, grad, _, metrics = _gspo_loss(FULL, 3e-4, 4e-4)
     assert loss == pytest.approx(0.149780, abs=1e-6)
     np.testing.assert_allclose(grad, 0.0, atol=1e-12)  # both sequences clipped
-    loss, grad, _ = _gspo_loss(PAD, 3e-4, 4e-4)
+    assert float(metrics["clipped_tokens"]) == 6
+    loss, grad, _, _ = _gspo_loss(PAD, 3e-4, 4e-4)
     assert loss == pytest.approx(0.170408, abs=1e-6)
     # Sequence 2: A < 0 and s > 1 + eps -> the pessimistic min keeps the unclipped branch.
     np.testing.assert_allclose(grad, [[0, 0, 0], [0.210254, 0.210254, 0]], atol=1e-6)
@@ -132,25 +138,27 @@ def test_gspo_paper_clip_range():
 
 def test_on_policy_identity_ratio_is_one():
     logprobs, _, advantages, mask = _inputs(FULL)
-    per_token, clipped = clipped_surrogate(logprobs - logprobs.detach(), advantages, 0.2, 0.28)
-    loss = aggregate(per_token, mask, "seq_mean_token_mean")
+    config = LossConfig(clip_ratio_low=0.2, clip_ratio_high=0.28, loss_agg_mode="seq_mean_token_mean")
+    loss, metrics = policy_loss(logprobs, logprobs.detach(), advantages, mask, config)
     loss.backward()
     assert float(loss.detach()) == pytest.approx(0.15)  # -mean_i A_i
-    assert not clipped.any()
+    assert float(metrics["clipped_tokens"]) == 0 and float(metrics["ratio_max"]) == float(metrics["ratio_min"]) == 1
     np.testing.assert_allclose(logprobs.grad.numpy(), -np.array(ADV)[:, None] / (3 * 2) * np.ones((2, 3)))
 
 
 def test_micro_batch_normalisers():
     # Two micro-batches of one row each, global normalisers: token_mean sums to the global token mean.
     logprobs, old, advantages, mask = _inputs(PAD)
-    per_token, _ = clipped_surrogate((logprobs.detach() - old) * mask, advantages, 0.2, 0.28)
-    total_tokens = float(mask.sum())
-    summed = sum(
-        float(aggregate(per_token[i : i + 1], mask[i : i + 1], "token_mean", num_tokens=total_tokens, num_sequences=2))
-        for i in range(2)
-    )
+    config = LossConfig(clip_ratio_low=0.2, clip_ratio_high=0.28, loss_agg_mode="token_mean")
+
+    def part(i, **normalisers):
+        rows = slice(i, i + 1)
+        return float(policy_loss(logprobs[rows].detach(), old[rows], advantages[rows], mask[rows], config,
+                                 **normalisers)[0])
+
+    summed = sum(part(i, num_tokens=float(mask.sum()), num_sequences=2) for i in range(2))
     assert summed == pytest.approx(0.054093, abs=1e-6)
-    local = sum(float(aggregate(per_token[i : i + 1], mask[i : i + 1], "token_mean")) for i in range(2)) / 2
+    local = sum(part(i) for i in range(2)) / 2
     assert local == pytest.approx(0.197866, abs=1e-6)  # TRL's bnpo: local normaliser
 
 
@@ -176,7 +184,7 @@ def test_group_advantages_per_rank_and_random_against_numpy():
         block = rewards[groups == g]
         expected = (block - block.mean(0)) / (block.std(0, ddof=1) + 1e-4)
         np.testing.assert_allclose(got[groups == g], expected, rtol=1e-5, atol=1e-6)
-    # Example A of rank_grpo.md §1.10 (exp_inf hits): per-rank normalisation across the group.
+    # Worked example A of docs/rank_grpo.md §8 (exp_inf hits): per-rank normalisation across the group.
     hits = torch.tensor([[1, 0, 0], [0, 1, 0], [0, 0, 0], [1, 1, 0]], dtype=torch.float32)
     np.testing.assert_allclose(
         group_advantages(hits, torch.zeros(4, dtype=torch.long)).numpy(),
@@ -219,21 +227,36 @@ def test_dapo_overlong_shaping_oracle():
 
 
 def test_seq_mean_unit_mean_matches_rank_grpo_paper_example_b():
-    # rank_grpo.md §1.10 example B: one sequence, rank-1 tokens logp-old [0.10, -0.05, 0.02],
-    # rank-2 tokens [0.30, 0.00]; A = [0.8, -0.5]; eps (0.06, 0.08).
+    # Worked example B of docs/rank_grpo.md §8: one sequence, rank-1 tokens logp-old
+    # [0.10, -0.05, 0.02], rank-2 tokens [0.30, 0.00]; A = [0.8, -0.5]; eps (0.06, 0.08).
     log_ratio = torch.tensor([[0.10, -0.05, 0.02, 0.30, 0.00]])
     unit_ids = torch.tensor([[0, 0, 0, 1, 1]])
     advantages = torch.tensor([[0.8, 0.8, 0.8, -0.5, -0.5]])
     mask = torch.ones(1, 5, dtype=torch.bool)
     pooled = unit_mean(log_ratio, unit_ids, num_units=2)
     np.testing.assert_allclose(pooled[0, [0, 3]].numpy(), [0.023333, 0.15], atol=1e-6)
-    per_token, _ = clipped_surrogate(pooled, advantages, 0.06, 0.08)
-    paper = aggregate(per_token, mask, "seq_mean_unit_mean", unit_ids=unit_ids, num_units=2)
-    code = aggregate(per_token, mask, "token_mean")
-    assert float(paper) == pytest.approx(-0.118985, abs=1e-6)
-    assert float(code) == pytest.approx(-0.258965, abs=1e-6)
+
+    def loss(mode):
+        config = LossConfig(clip_ratio_low=0.06, clip_ratio_high=0.08, loss_agg_mode=mode)
+        return float(policy_loss(log_ratio, torch.zeros_like(log_ratio), advantages, mask, config,
+                                 unit_ids=unit_ids, ratio_level="unit", num_units=2)[0])
+
+    assert loss("seq_mean_unit_mean") == pytest.approx(-0.118985, abs=1e-6)  # the paper's
+    assert loss("token_mean") == pytest.approx(-0.258965, abs=1e-6)  # the official code's
 
 
 def test_unknown_aggregation_mode():
     with pytest.raises(ValueError, match="unknown loss_agg_mode"):
         aggregate(torch.zeros(1, 2), torch.ones(1, 2), "sum")
+    with pytest.raises(ValueError, match="loss_agg_mode='sum': choose one of token_mean"):
+        LossConfig(loss_agg_mode="sum")
+
+
+def test_policy_loss_rejects_mismatched_shapes_and_missing_inputs():
+    logprobs, old, advantages, mask = _inputs(FULL)
+    with pytest.raises(ValueError, match="must all be"):
+        policy_loss(logprobs, old[:, :2], advantages, mask, LossConfig())
+    with pytest.raises(ValueError, match="ref_logprobs"):
+        policy_loss(logprobs, old, advantages, mask, LossConfig(kl_coef=0.1))
+    with pytest.raises(ValueError, match="unit_ids"):
+        policy_loss(logprobs, old, advantages, mask, LossConfig(), ratio_level="unit")

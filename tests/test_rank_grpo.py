@@ -1,5 +1,5 @@
-"""Rank-GRPO: token -> rank segmentation on real tokenizers, the oracles of rank_grpo.md §1.10,
-length shaping, the geometric-mean rank ratio and its gradient, and a learner smoke test."""
+"""Rank-GRPO: token -> rank segmentation on real tokenizers, the worked examples of docs/rank_grpo.md §8,
+length shaping, the geometric-mean rank ratio and its gradient (through `policy_loss`), and a learner smoke test."""
 
 import random
 from dataclasses import replace
@@ -10,10 +10,10 @@ import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from algorithms.base import make_strategy
-from algorithms.rank_grpo import RankGRPO
-from engine.learner import Learner, LearnerConfig, PolicyBatch
-from engine.loss import aggregate, clipped_surrogate
+from algorithms.base import newline_counts
+from algorithms.rank_grpo import RankGRPO, RankGRPOConfig
+from engine.learner import Learner, LearnerConfig, PolicyBatch, Rewards
+from engine.loss import LossConfig, clipped_surrogate, policy_loss, unit_mean
 from engine.rollout import Rollout, SamplingConfig, sample
 from models.tiny import EOS_TOKEN, PAD_TOKEN, SPECIAL_TOKENS, train_tokenizer
 from tests.conftest import left_padded_prompts, make_model
@@ -79,6 +79,7 @@ def _rollout(rows, ended_with_eos, pad_id=0, group_ids=None):
         completion_mask=mask,
         old_logprobs=torch.zeros(batch, length),
         group_ids=torch.zeros(batch, dtype=torch.long) if group_ids is None else torch.tensor(group_ids),
+        prompt_indices=torch.full((batch,), -1),
         ended_with_eos=torch.tensor(ended_with_eos, dtype=torch.bool),
         temperature=1.0,
     )
@@ -94,6 +95,11 @@ def _expected_ranks(tokenizer, rows, list_length, length):
     return expected
 
 
+def _rewards(rows, list_length, values=None):
+    """Per-rank rewards [rows, N]: N, the list length, is what the strategy reads from them."""
+    return Rewards.from_tensor(torch.zeros(rows, list_length) if values is None else torch.as_tensor(values))
+
+
 def _token_texts(tokenizer, ids):
     return [tokenizer.decode([i], clean_up_tokenization_spaces=False) for i in ids]
 
@@ -101,8 +107,7 @@ def _token_texts(tokenizer, ids):
 def _check_segmentation(tokenizer, rows, list_length, ended_with_eos=None):
     ended_with_eos = [True] * len(rows) if ended_with_eos is None else ended_with_eos
     rollout = _rollout(rows, ended_with_eos, pad_id=tokenizer.pad_token_id)
-    strategy = RankGRPO(list_length=list_length, tokenizer=tokenizer)
-    unit_ids = strategy.unit_ids(rollout, tokenizer)
+    unit_ids = RankGRPO(tokenizer=tokenizer).unit_ids(rollout, _rewards(len(rows), list_length))
     expected = _expected_ranks(tokenizer, rows, list_length, rollout.completion_ids.shape[1])
     np.testing.assert_array_equal(unit_ids.numpy(), expected)
     return unit_ids
@@ -115,7 +120,7 @@ def _check_segmentation(tokenizer, rows, list_length, ended_with_eos=None):
 
 def test_newline_table_counts_every_newline_and_ignores_special_tokens(tokenizer, qwen_style_tokenizer):
     for tok in (tokenizer, qwen_style_tokenizer):
-        counts = RankGRPO(tokenizer=tok).newline_counts(tok, torch.device("cpu"))
+        counts = newline_counts(tok)
         assert counts.shape == (len(tok),)
         for token_id in range(len(tok)):
             text = tok.convert_tokens_to_string([tok.convert_ids_to_tokens(token_id)])
@@ -197,21 +202,19 @@ def test_segmentation_of_truncated_rows_and_padding(qwen_style_tokenizer):
     _check_segmentation(tok, rows, 2, ended_with_eos=[False, True])
 
 
-def test_unit_ids_needs_a_tokenizer_and_caches_the_table(tokenizer):
-    rollout = _rollout([_encode(tokenizer, "Heat (1995)\nFargo (1996)")], [True])
+def test_needs_a_tokenizer_and_takes_n_from_the_rewards(tokenizer):
+    rollout = _rollout([_encode(tokenizer, "Heat (1995)\nFargo (1996)\nAlien (1979)")], [True])
     with pytest.raises(ValueError, match="tokenizer"):
-        RankGRPO(list_length=2).unit_ids(rollout, None)
-    strategy = make_strategy("rank_grpo", list_length=2, tokenizer=tokenizer)
-    assert isinstance(strategy, RankGRPO) and strategy.num_units == 2
-    first = strategy.unit_ids(rollout)  # the constructor's tokenizer
-    table = strategy.newline_counts(tokenizer, torch.device("cpu"))
-    second = strategy.unit_ids(rollout, tokenizer)
-    assert strategy.newline_counts(tokenizer, torch.device("cpu")) is table  # computed once
-    assert torch.equal(first, second)
+        RankGRPO()
+    strategy = RankGRPO(tokenizer=tokenizer)
+    for n in (2, 3):
+        rewards = _rewards(1, n)
+        assert strategy.num_units(rewards) == n
+        assert int(strategy.unit_ids(rollout, rewards).max()) == 2  # overflow bin n = 2, or the last rank of 3
 
 
 # ---------------------------------------------------------------------------
-# advantages: rank_grpo.md §1.10 example A
+# advantages: worked example A of docs/rank_grpo.md §8
 # ---------------------------------------------------------------------------
 
 HITS_A = np.array([[1, 0, 0], [0, 1, 0], [0, 0, 0], [1, 1, 0]], dtype=float)
@@ -241,9 +244,10 @@ def test_example_a_per_rank_advantages(tokenizer, reward, expected):
         np.testing.assert_allclose(rewards, [[1, 0, 0], [0.630930, 0.630930, 0], [0, 0, 0],
                                              [1.630930, 0.630930, 0]], atol=1e-6)
     rollout = _three_item_rollout(tokenizer)
-    strategy = RankGRPO(list_length=3, tokenizer=tokenizer)
-    unit_ids = strategy.unit_ids(rollout, tokenizer)
-    advantages = strategy.advantages(torch.tensor(rewards), rollout, unit_ids)
+    strategy = RankGRPO(tokenizer=tokenizer)
+    rank_rewards = _rewards(4, 3, rewards)
+    unit_ids = strategy.unit_ids(rollout, rank_rewards)
+    advantages = strategy.advantages(rank_rewards, rollout, unit_ids)
     eos = rollout.completion_lengths - 1
     for b in range(4):
         for k in range(3):
@@ -281,9 +285,10 @@ def test_length_shaping_cases(tokenizer):
     ranks = _expected_ranks(tokenizer, rows, n, rollout.completion_ids.shape[1])
 
     for shaping in (True, False):
-        strategy = RankGRPO(list_length=n, length_shaping=shaping, tokenizer=tokenizer)
-        unit_ids = strategy.unit_ids(rollout, tokenizer)
-        advantages = strategy.advantages(torch.tensor(rewards), rollout, unit_ids).numpy()
+        strategy = RankGRPO(RankGRPOConfig(length_shaping=shaping), tokenizer=tokenizer)
+        rank_rewards = _rewards(len(rows), n, rewards)
+        unit_ids = strategy.unit_ids(rollout, rank_rewards)
+        advantages = strategy.advantages(rank_rewards, rollout, unit_ids).numpy()
         expected = np.zeros_like(advantages)
         for b, row in enumerate(rows):
             for t in range(len(row)):
@@ -312,12 +317,13 @@ def test_length_shaping_cases(tokenizer):
 
 def test_reward_shape_errors(tokenizer):
     rollout = _three_item_rollout(tokenizer)
-    strategy = RankGRPO(list_length=3, tokenizer=tokenizer)
-    unit_ids = strategy.unit_ids(rollout, tokenizer)
-    with pytest.raises(ValueError, match="grpo"):
-        strategy.advantages(torch.ones(4), rollout, unit_ids)
-    with pytest.raises(ValueError, match=r"\[4, 3\].*\(4, 5\)"):
-        strategy.advantages(torch.ones(4, 5), rollout, unit_ids)
+    strategy = RankGRPO(tokenizer=tokenizer)
+    unit_ids = strategy.unit_ids(rollout, _rewards(4, 3))
+    with pytest.raises(ValueError, match=r"grpo.*\(4, 1\)|\(4, 1\).*grpo"):
+        strategy.advantages(Rewards.from_tensor(torch.ones(4)), rollout, unit_ids)  # one reward per completion
+    partial = Rewards(torch.ones(4, 3), torch.tensor([[True, True, False]] * 4))
+    with pytest.raises(ValueError, match="masked ranks"):
+        strategy.advantages(partial, rollout, unit_ids)
 
 
 # ---------------------------------------------------------------------------
@@ -325,21 +331,30 @@ def test_reward_shape_errors(tokenizer):
 # ---------------------------------------------------------------------------
 
 
+def _rank_loss(logprobs, old, advantages, mask, unit_ids, mode, num_units, low=0.06, high=0.08):
+    """The loss the learner computes for Rank-GRPO: `policy_loss` with the strategy's unit ratio."""
+    config = LossConfig(clip_ratio_low=low, clip_ratio_high=high, loss_agg_mode=mode)
+    return policy_loss(logprobs, old, advantages, mask, config, unit_ids=unit_ids, ratio_level=RankGRPO.ratio_level,
+                       num_units=num_units)
+
+
 def test_example_b_through_the_strategy():
-    strategy = RankGRPO(list_length=2)
     log_ratio = torch.tensor([[0.10, -0.05, 0.02, 0.30, 0.00]], dtype=torch.float64)
     unit_ids = torch.tensor([[0, 0, 0, 1, 1]])
     advantages = torch.tensor([[0.8, 0.8, 0.8, -0.5, -0.5]], dtype=torch.float64)
     mask = torch.ones(1, 5, dtype=torch.bool)
-    pooled = strategy.pool_log_ratio(log_ratio, unit_ids)
+    pooled = unit_mean(log_ratio, unit_ids, num_units=2)
     np.testing.assert_allclose(pooled[0].numpy(), [0.023333] * 3 + [0.15] * 2, atol=1e-6)
     np.testing.assert_allclose(pooled[0, [0, 3]].exp().numpy(), [1.023608, 1.161834], atol=1e-6)
     per_token, _ = clipped_surrogate(pooled, advantages, 0.06, 0.08)
     np.testing.assert_allclose(-per_token[0, [0, 3]].numpy(), [0.818886, -0.580917], atol=1e-6)
-    paper = aggregate(per_token, mask, "seq_mean_unit_mean", unit_ids=unit_ids, num_units=strategy.num_units)
-    code = aggregate(per_token, mask, "token_mean")
+    zeros = torch.zeros_like(log_ratio)
+    paper, metrics = _rank_loss(log_ratio, zeros, advantages, mask, unit_ids, "seq_mean_unit_mean", 2)
+    code, _ = _rank_loss(log_ratio, zeros, advantages, mask, unit_ids, "token_mean", 2)
     assert float(paper) == pytest.approx(-0.118985, abs=1e-6)
     assert float(code) == pytest.approx(-0.258965, abs=1e-6)
+    assert float(metrics["ratio_max"]) == pytest.approx(1.161834, abs=1e-6)
+    assert float(metrics["clipped_tokens"]) == 0  # 1.1618 > 1.08 but A < 0: the pessimistic min keeps it
 
 
 # Three rows, N = 3, overflow bin 3, padding -1.
@@ -352,16 +367,14 @@ UNITS = np.array([
 
 def test_on_policy_rank_ratio_is_exactly_one_and_gradient_uses_rank_mean_advantage():
     rng = np.random.default_rng(2)
-    strategy = RankGRPO(list_length=3)
     unit_ids = torch.tensor(UNITS)
     mask = unit_ids >= 0
     logprobs = torch.tensor(-rng.random(UNITS.shape), requires_grad=True)
     advantages = torch.tensor(rng.normal(size=UNITS.shape)) * mask
-    pooled = strategy.pool_log_ratio((logprobs - logprobs.detach()) * mask, unit_ids)
-    assert torch.equal(pooled.exp()[mask], torch.ones(int(mask.sum()), dtype=torch.float64))
-    per_token, clipped = clipped_surrogate(pooled, advantages, 0.06, 0.08)
-    assert not clipped.any()
-    aggregate(per_token, mask, "token_mean").backward()
+    loss, metrics = _rank_loss(logprobs, logprobs.detach(), advantages, mask, unit_ids, "token_mean", 3)
+    assert float(metrics["ratio_max"]) == float(metrics["ratio_min"]) == 1.0
+    assert float(metrics["clipped_tokens"]) == 0
+    loss.backward()
     # d loss / d logp_s = -(1 / total tokens) * mean of A over the tokens of s's rank (§1.8).
     adv = advantages.numpy()
     expected = np.zeros(UNITS.shape)
@@ -374,13 +387,12 @@ def test_on_policy_rank_ratio_is_exactly_one_and_gradient_uses_rank_mean_advanta
 
 def test_off_policy_rank_ratio_is_geometric_mean_with_weight_one_over_rank_size():
     rng = np.random.default_rng(3)
-    strategy = RankGRPO(list_length=3)
     unit_ids = torch.tensor(UNITS)
     mask = UNITS >= 0
     new = -rng.random(UNITS.shape)
     old = new + rng.normal(scale=0.05, size=UNITS.shape)  # mu = 2: pi_old differs from pi_theta
     logprobs = torch.tensor(new, requires_grad=True)
-    pooled = strategy.pool_log_ratio((logprobs - torch.tensor(old)) * torch.tensor(mask), unit_ids)
+    pooled = unit_mean((logprobs - torch.tensor(old)) * torch.tensor(mask), unit_ids, num_units=4)
 
     token_ratio = np.exp(new - old)
     expected = np.ones(UNITS.shape)
@@ -405,7 +417,6 @@ def test_off_policy_rank_ratio_is_geometric_mean_with_weight_one_over_rank_size(
 def test_off_policy_paper_loss_and_gradient_against_numpy():
     rng = np.random.default_rng(4)
     n, low, high = 3, 0.06, 0.08
-    strategy = RankGRPO(list_length=n)
     unit_ids = torch.tensor(UNITS)
     mask = UNITS >= 0
     new = -rng.random(UNITS.shape)
@@ -414,10 +425,8 @@ def test_off_policy_paper_loss_and_gradient_against_numpy():
     rank_adv[:, n] = -0.1  # overflow bin
     adv = np.where(mask, rank_adv[np.arange(3)[:, None], np.maximum(UNITS, 0)], 0.0)
     logprobs = torch.tensor(new, requires_grad=True)
-    mask_t = torch.tensor(mask)
-    pooled = strategy.pool_log_ratio((logprobs - torch.tensor(old)) * mask_t, unit_ids)
-    per_token, _ = clipped_surrogate(pooled, torch.tensor(adv), low, high)
-    loss = aggregate(per_token, mask_t, "seq_mean_unit_mean", unit_ids=unit_ids, num_units=strategy.num_units)
+    loss, _ = _rank_loss(logprobs, torch.tensor(old), torch.tensor(adv), torch.tensor(mask), unit_ids,
+                         "seq_mean_unit_mean", n, low, high)
     loss.backward()
 
     # numpy: (1/(B N)) sum_i sum_k -min(w A, clip(w) A); d/d logp_t = (1/(B N)) * dl/dw * w / |k|.
@@ -463,19 +472,19 @@ def test_learner_smoke_with_sampled_rollout(tokenizer):
     ids[0, 15], ids[0, 16:], mask[0, 16:], ended[0] = tokenizer.eos_token_id, tokenizer.pad_token_id, False, True
     rollout = replace(rollout, completion_ids=ids, completion_mask=mask, ended_with_eos=ended)
     n = 3
-    strategy = make_strategy("rank_grpo", list_length=n, tokenizer=tokenizer)
-    unit_ids = strategy.unit_ids(rollout, tokenizer)
+    strategy = RankGRPO(tokenizer=tokenizer)
+    rewards = Rewards.from_tensor(torch.rand(rollout.num_rows, n, generator=torch.Generator().manual_seed(1)))
+    unit_ids = strategy.unit_ids(rollout, rewards)
     assert unit_ids.shape == rollout.completion_ids.shape
     assert set(unit_ids[rollout.completion_mask].tolist()) == {0, 1, 2, 3}
     assert int(unit_ids[0, 15]) == n  # the EOS after three newlines is in the overflow bin
     assert ((unit_ids >= 0) == rollout.completion_mask).all()
-    rewards = torch.rand(rollout.num_rows, n, generator=torch.Generator().manual_seed(1))
     advantages = strategy.advantages(rewards, rollout, unit_ids)
     assert advantages.shape == unit_ids.shape and torch.isfinite(advantages).all() and advantages.abs().sum() > 0
 
     before = [p.detach().clone() for p in model.parameters()]
     config = LearnerConfig(lr=1e-3, ppo_epochs=2, loss_agg_mode="seq_mean_unit_mean",
                            clip_ratio_low=0.06, clip_ratio_high=0.08, micro_batch_size=4)
-    metrics = Learner(model, config, strategy).update(PolicyBatch(rollout, unit_ids, advantages))
+    metrics = Learner(model, config, strategy).update(PolicyBatch(rollout, rewards, unit_ids, advantages, n))
     assert np.isfinite(metrics["loss"]) and metrics["skipped_optimizer_steps"] == 0
     assert any(not torch.equal(b, p.detach()) for b, p in zip(before, model.parameters()))

@@ -63,5 +63,51 @@ def test_rank_grpo_reddit_quick_end_to_end(tmp_path, monkeypatch, capsys):
             assert 0.0 <= evaluation[stage][f"ndcg@{k}"] <= 1.0
     config = json.loads((out / "config.json").read_text())
     assert config["data_source"] in ("movielens-100k", "reddit-v2")
+    assert config["config"]["task"]["list_length"] is None  # the data source's own
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert any("reward_rank_1" in row for row in rows)  # per-rank rewards are logged
+    assert any("reward_unit_10" in row for row in rows) and not any("reward_unit_11" in row for row in rows)
+
+
+TITLES = [("Heat", 1995), ("Fargo", 1996), ("Casino", 1995), ("Alien", 1979), ("Aliens", 1986), ("Se7en", 1995),
+          ("Jaws", 1975), ("Up", 2009), ("Her", 2013), ("Rocky", 1976), ("Psycho", 1960), ("Vertigo", 1958),
+          ("Brazil", 1985), ("Amadeus", 1984), ("Gandhi", 1982), ("Tootsie", 1982), ("Witness", 1985),
+          ("Platoon", 1986), ("Big", 1988), ("Ghost", 1990), ("Speed", 1994), ("Clueless", 1995)]
+
+
+def write_reddit_v2(root, records_per_split=6):
+    """A small Reddit-v2 folder in the release's layout: prompts ask for 20 movies."""
+    folder = root / "reddit-v2"
+    folder.mkdir(parents=True)
+    (folder / "catalog.tsv").write_text("title\tyear\n" + "".join(f"{t}\t{y}\n" for t, y in TITLES))
+    for split in ("train", "validation", "test"):
+        lines = []
+        for index in range(records_per_split):
+            liked = TITLES[index % len(TITLES)]
+            answer = [TITLES[(index + k) % len(TITLES)] for k in range(1, 21)]
+            lines.append(json.dumps({
+                "prompt": [{"role": "user", "content": f"I liked {liked[0]} ({liked[1]}). Recommend 20 movies, "
+                                                       "one per line as Title (Year)."}],
+                "completion": [{"role": "assistant", "content": "\n".join(f"{t} ({y})" for t, y in answer)}],
+                "groundtruth_with_release_year": [[t, str(y)] for t, y in answer[:3]],
+                "seen_titles": [liked[0]],
+            }))
+        (folder / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def test_headline_runs_on_reddit_v2_with_its_list_length(tmp_path, monkeypatch, capsys):
+    """With Reddit-v2 conversations in the data dir the headline takes N = 20 from them (no --set needed)."""
+    monkeypatch.setenv("RECRL_CACHE_DIR", str(tmp_path / "cache"))
+    data = write_reddit_v2(tmp_path / "data")
+    out = tmp_path / "run"
+    tiny = ["--set", "sft.steps=4", "--set", "max_steps=2", "--set", "vocab_size=300", "--set", "hidden_size=32",
+            "--set", "intermediate_size=64", "--set", "num_layers=1", "--set", "max_new_tokens=24"]
+    assert run.main(["rank_grpo_reddit", "--quick", "--data-dir", str(data), "--out", str(out), *tiny]) == 0
+    assert "Reddit-v2" in capsys.readouterr().out.splitlines()[0]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert any("reward_unit_20" in row for row in rows)
+    assert json.loads((out / "config.json").read_text())["data_source"] == "reddit-v2"
+    # an explicit list length that the prompts do not ask for is refused before any training
+    assert run.main(["rank_grpo_reddit", "--quick", "--data-dir", str(data), "--out", str(tmp_path / "other"),
+                     "--set", "task.list_length=10", *tiny]) == 2
+    assert "the reddit-v2 prompts ask for 20 items" in capsys.readouterr().err

@@ -1,22 +1,34 @@
-"""Sampler behaviour: recompute consistency, greedy == generate, EOS and masks, filtering."""
+"""Sampler behaviour: recompute consistency, greedy == generate, EOS and masks, filtering,
+with the plain transformers decoder and with the fastdecode accelerator."""
 
 import pytest
 import torch
 
-from engine.decoder import KVDecoder
-from engine.rollout import Rollout, SamplingConfig, filter_logits, make_decoder, sample
+from engine.rollout import Rollout, SamplingConfig, filter_logits, sample, transformers_decoder
+from fastdecode import KVDecoder, fast_decoder
 from tests.conftest import left_padded_prompts, make_model, recompute_gaps
 
 PROMPTS = ["Sort these digits: 3 1 2", "Recommend movies like Heat (1995)", "Fargo"]
 
 
-def _sample(model, tokenizer, temperature, group_size=4, max_new_tokens=12, eos=None, pad=None, seed=0, **kw):
-    ids, mask = left_padded_prompts(tokenizer, PROMPTS)
+def static_decoder(model, max_batch_size, max_total_length, config):
+    """The graph-shaped decode step (what CUDA graphs capture), run eagerly on the CPU."""
+    return KVDecoder(model, max_batch_size, max_total_length, static_decode=True, graph_bucket=5)
+
+
+DECODERS = {"fast": fast_decoder, "plain": transformers_decoder, "static": static_decoder}
+
+
+def _sample(model, tokenizer, temperature, group_size=4, max_new_tokens=12, eos=None, pad=None, seed=0,
+            decoder="fast", prompts=PROMPTS, **kw):
+    """temperature 0 = greedy."""
+    ids, mask = left_padded_prompts(tokenizer, prompts)
     generator = torch.Generator().manual_seed(seed)
+    config = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature or 1.0, **kw)
     return sample(
-        model, ids, mask, group_size, SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, **kw),
-        eos_token_ids=[tokenizer.eos_token_id] if eos is None else eos,
+        model, ids, mask, group_size, config, eos_token_ids=[tokenizer.eos_token_id] if eos is None else eos,
         pad_token_id=tokenizer.pad_token_id if pad is None else pad, generator=generator,
+        greedy=temperature == 0, make_decoder=DECODERS[decoder],
     )
 
 
@@ -92,14 +104,12 @@ def test_group_rows_contiguous_and_seeded(qwen_model, tokenizer):
     assert not torch.equal(first.completion_ids[0], first.completion_ids[1])
 
 
-def test_fallback_decoder_matches_fast_decoder(qwen_model, tokenizer, monkeypatch):
+def test_plain_decoder_matches_fast_decoder(qwen_model, tokenizer):
     fast = _sample(qwen_model, tokenizer, 0.0, group_size=2, max_new_tokens=8)
-    import engine.rollout as rollout_module
-
-    monkeypatch.setattr(rollout_module.KVDecoder, "supports", staticmethod(lambda model: False))
-    slow = _sample(qwen_model, tokenizer, 0.0, group_size=2, max_new_tokens=8)
+    slow = _sample(qwen_model, tokenizer, 0.0, group_size=2, max_new_tokens=8, decoder="plain")
     assert torch.equal(fast.completion_ids, slow.completion_ids)
     torch.testing.assert_close(fast.old_logprobs, slow.old_logprobs, atol=1e-5, rtol=0)
+    assert _max_recompute_gap(qwen_model, _sample(qwen_model, tokenizer, 1.0, decoder="plain")) < 1e-5
 
 
 def test_top_k_and_top_p_filtering():
@@ -122,8 +132,9 @@ def test_bad_inputs_are_reported(qwen_model, tokenizer):
         sample(qwen_model, ids, mask.flip(1), 2, SamplingConfig(), [tokenizer.eos_token_id], tokenizer.pad_token_id)
     with pytest.raises(ValueError, match=r"\[P, S\]"):
         sample(qwen_model, ids[0], mask[0], 2, SamplingConfig(), [tokenizer.eos_token_id], tokenizer.pad_token_id)
-    with pytest.raises(ValueError, match="temperature"):
-        SamplingConfig(temperature=-1)
+    for temperature in (-1.0, 0.0):
+        with pytest.raises(ValueError, match="temperature"):
+            SamplingConfig(temperature=temperature)
 
 
 def test_rollout_concatenate_and_select(qwen_model, tokenizer):
@@ -136,65 +147,47 @@ def test_rollout_concatenate_and_select(qwen_model, tokenizer):
     assert torch.equal(both.completion_ids[6:], second.completion_ids[2:4])
 
 
-class StaticKVDecoder(KVDecoder):
-    """The graph-shaped decode step (what CUDA graphs capture), run eagerly on the CPU."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs, static_decode=True, graph_bucket=5)
-
-
-@pytest.mark.parametrize("decoder", ["fast", "static", "fallback"])
-def test_dropping_finished_rows_changes_no_row(untied_qwen_model, tokenizer, monkeypatch, decoder):
+@pytest.mark.parametrize("decoder", ["fast", "static", "plain"])
+def test_dropping_finished_rows_changes_no_row(untied_qwen_model, tokenizer, decoder):
     # Rows end at different steps, so the sampler compacts the decoder batch mid-way.
     # Greedy rows must equal the same prompt decoded alone; sampled rows must keep
     # old_logprobs equal to the recompute.
-    import engine.rollout as rollout_module
-
     qwen_model = untied_qwen_model
-    if decoder == "fallback":
-        monkeypatch.setattr(rollout_module.KVDecoder, "supports", staticmethod(lambda model: False))
-    if decoder == "static":
-        monkeypatch.setattr(rollout_module, "KVDecoder", StaticKVDecoder)
-    free = _sample(qwen_model, tokenizer, 0.0, group_size=1, max_new_tokens=12, eos=[-1])
+    free = _sample(qwen_model, tokenizer, 0.0, group_size=1, max_new_tokens=12, eos=[-1], decoder=decoder)
     def lengths_if_eos(token):  # where each row would stop if `token` were EOS
         rows = free.completion_ids.tolist()
         return [row.index(token) + 1 if token in row else 12 for row in rows]
 
     candidates = sorted(set(free.completion_ids.flatten().tolist()))
     eos = [next(t for t in candidates if len(set(lengths_if_eos(t))) > 1)]  # rows stop at different steps
-    together = _sample(qwen_model, tokenizer, 0.0, group_size=1, max_new_tokens=12, eos=eos)
+    together = _sample(qwen_model, tokenizer, 0.0, group_size=1, max_new_tokens=12, eos=eos, decoder=decoder)
     assert together.completion_lengths.unique().numel() > 1
-    ids, mask = left_padded_prompts(tokenizer, PROMPTS)
     for row, text in enumerate(PROMPTS):
-        alone_ids, alone_mask = left_padded_prompts(tokenizer, [text])
-        alone = sample(qwen_model, alone_ids, alone_mask, 1, SamplingConfig(max_new_tokens=12, temperature=0.0),
-                       eos, tokenizer.pad_token_id)
+        alone = _sample(qwen_model, tokenizer, 0.0, group_size=1, max_new_tokens=12, eos=eos, decoder=decoder,
+                        prompts=[text])
         length = int(alone.completion_lengths[0])
         assert int(together.completion_lengths[row]) == length
         assert together.completion_ids[row, :length].tolist() == alone.completion_ids[0, :length].tolist()
     sampled = _sample(qwen_model, tokenizer, 1.0, group_size=4, max_new_tokens=16,
-                      eos=[_frequent_token(qwen_model, tokenizer)])
+                      eos=[_frequent_token(qwen_model, tokenizer)], decoder=decoder)
     assert sampled.completion_lengths.unique().numel() > 1
     assert _max_recompute_gap(qwen_model, sampled) < 1e-5
 
 
-def test_bf16_sampling_over_fp32_weights(qwen_model, tokenizer, monkeypatch):
+def test_bf16_sampling_over_fp32_weights(qwen_model, tokenizer):
     """SamplingConfig.dtype casts the decoder only: the model stays fp32, and the
     sampled log-probs stay within bf16 rounding of the fp32 recompute."""
     rollout = _sample(qwen_model, tokenizer, 1.0, dtype="bfloat16")
     assert next(qwen_model.parameters()).dtype == torch.float32
-    assert make_decoder(qwen_model, 4, 16, "auto").dtype == torch.float32  # "auto" is bf16 on CUDA only
+    assert fast_decoder(qwen_model, 4, 16, SamplingConfig(dtype="auto")).dtype == torch.float32  # bf16 on CUDA only
     assert rollout.old_logprobs.dtype == torch.float32
     assert rollout.completion_mask.any()
     assert _max_recompute_gap(qwen_model, rollout) < 0.03  # bf16 weights and cache vs fp32 (measured 0.005)
 
-    with pytest.raises(ValueError, match="unknown rollout dtype"):
+    with pytest.raises(ValueError, match="dtype='fp8': choose one of auto"):
         SamplingConfig(dtype="fp8")
-    import engine.rollout as rollout_module
-
-    monkeypatch.setattr(rollout_module.KVDecoder, "supports", staticmethod(lambda model: False))
-    with pytest.raises(ValueError, match=r"set the rollout dtype \(--set rollout_dtype=...\) to 'auto' or 'model'"):
-        _sample(qwen_model, tokenizer, 1.0, dtype="bfloat16")
+    with pytest.raises(ValueError, match="set sampling.dtype to 'auto' or 'model'"):
+        _sample(qwen_model, tokenizer, 1.0, dtype="bfloat16", decoder="plain")
     # the transformers forward samples in the model's precision: "auto" and the model's own dtype are fine
-    assert _sample(qwen_model, tokenizer, 1.0, dtype="float32").completion_mask.any()
-    assert _sample(qwen_model, tokenizer, 1.0, dtype="auto").completion_mask.any()
+    assert _sample(qwen_model, tokenizer, 1.0, dtype="float32", decoder="plain").completion_mask.any()
+    assert _sample(qwen_model, tokenizer, 1.0, dtype="auto", decoder="plain").completion_mask.any()

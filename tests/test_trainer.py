@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from algorithms.dapo import DAPO
+from algorithms.dapo import DAPO, DAPOConfig
 from engine.learner import Learner, LearnerConfig
 from engine.logging import read_metrics
 from engine.rollout import SamplingConfig
@@ -15,8 +15,8 @@ from tests.conftest import make_model
 
 TIMING_KEYS = ("time_rollout_s", "time_reward_s", "time_learn_s", "tokens_per_s")
 TINY = ["--set", "hidden_size=32", "--set", "intermediate_size=64", "--set", "num_layers=1",
-        "--set", "prompts_per_step=2", "--set", "group_size=4", "--set", "sort_train_size=64",
-        "--set", "sort_eval_size=8", "--set", "sft_steps=0", "--set", "max_new_tokens=8"]
+        "--set", "prompts_per_step=2", "--set", "group_size=4", "--set", "task.train_size=64",
+        "--set", "task.eval_size=8", "--set", "sft.steps=0", "--set", "max_new_tokens=8"]
 
 
 @pytest.fixture(autouse=True)
@@ -36,7 +36,8 @@ def test_grpo_sort_quick_learns(tmp_path):
     rewards = [row["reward_mean"] for row in read_metrics(out / "metrics.jsonl") if not row.get("eval")]
     assert sum(rewards[-20:]) / 20 > sum(rewards[:20]) / 20 + 0.1
     config = json.loads((out / "config.json").read_text())
-    assert config["experiment"]["name"] == "grpo_sort" and config["data_source"] == "built-in digit sorting"
+    assert config["config"]["name"] == "grpo_sort" and config["data_source"] == "built-in digit sorting"
+    assert config["config"]["learner"]["loss_agg_mode"] == "seq_mean_token_mean"  # GRPO's paper default
     assert "torch" in config["environment"]
     checkpoint = out / "checkpoints" / "step_100"
     for name in ("model.safetensors", "config.json", "tokenizer.json", "optimizer.pt", "trainer_state.json"):
@@ -77,14 +78,35 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, monkeypatch):
     [
         (["no_such_experiment"], "unknown experiment"),
         (["grpo_sort", "--set", "no_such_key=1"], "unknown config key"),
-        (["grpo_sort", "--set", "lr=fast"], "expected a value of type float"),
+        (["grpo_sort", "--set", "learner.lr=fast"], "learner.lr=fast: expected a value of type float"),
+        (["grpo_sort", "--set", "lr=1e-3"], "lr: ambiguous; write one of learner.lr, sft.lr"),
         (["grpo_sort", "--set", "max_steps=1.5"], "expected a value of type int"),
-        (["grpo_sort", "--set", "lr"], "expected key=value"),
+        (["grpo_sort", "--set", "learner.lr"], "expected key=value"),
         (["grpo_sort", "--resume", "/no/such/run"], "no such run directory"),
         ([], "name an experiment"),
         (["grpo_sort", "--bogus"], "unrecognized arguments"),
-        (["grpo_sort", "--set", "rollout_dtype=fp8"], "unknown rollout dtype 'fp8'; choose one of ['auto',"),
-        (["grpo_sort", "--set", "temperature=-1"], "temperature must be >= 0"),
+        (["grpo_sort", "--set", "sampling.dtype=fp8"], "sampling.dtype=fp8: choose one of auto, model, float32"),
+        (["grpo_sort", "--set", "temperature=-1"], "sampling.temperature=-1: must be > 0"),
+        (["grpo_sort", "--set", "temperature=0"], "sampling.temperature=0: must be > 0"),
+        (["grpo_sort", "--set", "group_size=1"], "trainer.group_size=1: must be >= 2"),
+        (["grpo_sort", "--set", "max_steps=0"], "trainer.max_steps=0: must be >= 1"),
+        (["grpo_sort", "--set", "prompts_per_step=0"], "trainer.prompts_per_step=0: must be >= 1"),
+        (["grpo_sort", "--set", "learner.lr=0"], "learner.lr=0: must be a finite number > 0"),
+        (["grpo_sort", "--set", "learner.lr=nan"], "learner.lr=nan: must be a finite number > 0"),
+        (["grpo_sort", "--set", "learner.lr=inf"], "learner.lr=inf: must be a finite number > 0"),
+        (["grpo_sort", "--set", "kl_loss_type=k9"], "learner.kl_loss_type=k9: choose one of k1, k2, k3"),
+        (["grpo_sort", "--set", "loss_agg_mode=sum"], "learner.loss_agg_mode=sum: choose one of token_mean"),
+        (["grpo_sort", "--set", "lr_schedule=step"], "learner.lr_schedule=step: choose one of constant"),
+        (["grpo_sort", "--set", "advantage_scale=rank"], "strategy.advantage_scale=rank: choose one of group"),
+        (["grpo_sort", "--set", "overlong_max_length=4"], "unknown config key"),  # a DAPO option, not GRPO's
+        (["grpo_sort", "--set", "algorithm=ppo"], "unknown algorithm 'ppo'"),
+        (["grpo_sort", "--set", "name=x"], "name: cannot be set"),
+        (["grpo_sort", "--set", "loss_agg_mode=seq_mean_unit_mean"], "grpo has no units to average"),
+        (["grpo_sort", "--set", "hidden_size=102"], "model.tiny.hidden_size=102: must be a multiple of num_heads"),
+        (["grpo_sort", "--set", "hidden_size=100"], "model.tiny.hidden_size=100: hidden_size / num_heads = 25 must be even"),
+        (["dapo_sort", "--set", "overlong_cache_length=40"], "strategy.overlong_cache_length=40: must be in"),
+        (["rank_grpo_reddit", "--set", "reward_kind=dcg"], "task.reward_kind=dcg: choose one of exp_inf"),
+        (["rank_grpo_reddit", "--set", "task.source=imdb"], "task.source=imdb: choose one of auto"),
     ],
 )
 def test_cli_errors_exit_2_with_one_line(argv, message, capsys, tmp_path, monkeypatch):
@@ -114,7 +136,7 @@ class ToyTask:
     def train_messages(self, index):
         return [{"role": "user", "content": f"Sort these digits: {index} 1 2"}]
 
-    def rewards(self, prompt_indices, completions):
+    def rewards(self, prompt_indices, completions, rollout):
         return torch.tensor([self.reward(i, text) for i, text in zip(prompt_indices, completions)])
 
     def evaluate(self, generate):
@@ -124,14 +146,14 @@ class ToyTask:
 def _trainer(tokenizer, tmp_path, task, strategy, **config):
     model = make_model(tokenizer)
     learner = Learner(model, LearnerConfig(lr=1e-2, loss_agg_mode="token_mean"), strategy)
-    trainer_config = TrainerConfig(prompts_per_step=2, group_size=4, sampling=SamplingConfig(max_new_tokens=6),
-                                   **config)
-    return Trainer(model, tokenizer, task, strategy, learner, trainer_config, tmp_path), model
+    trainer_config = TrainerConfig(prompts_per_step=2, group_size=4, **config)
+    return Trainer(model, tokenizer, task, strategy, learner, trainer_config, SamplingConfig(max_new_tokens=6),
+                   tmp_path), model
 
 
 def test_nan_rewards_skip_the_step_without_touching_weights(tokenizer, tmp_path):
     task = ToyTask(lambda index, text: float("nan") if len(text) % 2 else 1.0)
-    trainer, model = _trainer(tokenizer, tmp_path, task, DAPO(dynamic_sampling=False))
+    trainer, model = _trainer(tokenizer, tmp_path, task, DAPO(DAPOConfig(dynamic_sampling=False)))
     before = [p.detach().clone() for p in model.parameters()]
     metrics = trainer.train_step()
     assert "non-finite reward" in metrics["skipped"]
@@ -149,11 +171,11 @@ def test_dynamic_sampling_refills_the_batch(tokenizer, tmp_path):
     (batch,) = captured
     assert batch.rollout.num_rows == 2 * 4  # full batch: prompts_per_step groups of G
     assert 0.0 < metrics["frac_groups_dropped"] < 1.0
-    assert trainer.cursor.consumed > 2  # it sampled more prompts than one round
+    assert trainer.prompts.consumed > 2  # it sampled more prompts than one round
 
 
 def test_dynamic_sampling_gives_up_after_max_rounds(tokenizer, tmp_path):
     trainer, model = _trainer(tokenizer, tmp_path, ToyTask(lambda index, text: 1.0), DAPO(), max_generation_rounds=2)
     metrics = trainer.train_step()
     assert "kept no group" in metrics["skipped"] and metrics["frac_groups_dropped"] == 1.0
-    assert trainer.cursor.consumed == 4
+    assert trainer.prompts.consumed == 4

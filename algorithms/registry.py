@@ -1,0 +1,16 @@
+"""The strategies recrl ships, by the name experiments use (`algorithm`)."""
+
+from __future__ import annotations
+
+from algorithms.base import Strategy
+from algorithms.dapo import DAPO
+from algorithms.grpo import GRPO, GSPO
+from algorithms.rank_grpo import RankGRPO
+
+STRATEGIES: dict[str, type[Strategy]] = {cls.name: cls for cls in (GRPO, GSPO, DAPO, RankGRPO)}
+
+
+def strategy_class(name: str) -> type[Strategy]:
+    if name not in STRATEGIES:
+        raise ValueError(f"unknown algorithm {name!r}; known: {', '.join(sorted(STRATEGIES))}")
+    return STRATEGIES[name]
