@@ -45,7 +45,7 @@ import torch
 from torch import Tensor
 
 from engine.config import check, check_choice
-from engine.loss import ADVANTAGE_SCALES, group_advantages
+from engine.loss import ADVANTAGE_SCALES
 from engine.rollout import Rollout
 
 
@@ -116,18 +116,6 @@ class Strategy:
     def load_state_dict(self, state: dict) -> None:
         if self.module is not None:
             self.module.load_state_dict(state["module"])
-
-    # --- shared helpers --------------------------------------------------
-    def sequence_advantages(self, rewards, rollout: Rollout) -> Tensor:
-        """Group-normalised sequence rewards [B] broadcast to every completion token, [B, T]."""
-        if rewards.values.shape[1] != 1:
-            raise ValueError(
-                f"{self.name} needs one reward per completion ([B] or [B, 1]); got shape "
-                f"{tuple(rewards.values.shape)}. Per-unit rewards belong to a unit strategy such as rank_grpo"
-            )
-        advantages = group_advantages(rewards.values[:, 0], rollout.group_ids, self.config.advantage_scale,
-                                      self.config.advantage_eps)  # [B]
-        return advantages[:, None] * rollout.completion_mask  # [B, T]
 
 
 def token_unit_ids(completion_mask: Tensor) -> Tensor:

@@ -34,6 +34,7 @@ import torch
 from torch import Tensor
 
 from algorithms.base import Strategy, token_unit_ids
+from engine.loss import group_advantages
 from engine.rollout import Rollout
 
 
@@ -48,11 +49,19 @@ class GRPO(Strategy):
         return token_unit_ids(rollout.completion_mask)  # [B, T]
 
     def advantages(self, rewards, rollout: Rollout, unit_ids: Tensor) -> Tensor:
-        return self.sequence_advantages(rewards, rollout)  # [B, T]
+        """Group-normalised sequence rewards [B] broadcast to every completion token, [B, T]."""
+        if rewards.values.shape[1] != 1:
+            raise ValueError(
+                f"{self.name} needs one reward per completion ([B] or [B, 1]); got shape "
+                f"{tuple(rewards.values.shape)}. Per-unit rewards belong to a unit strategy such as rank_grpo"
+            )
+        advantages = group_advantages(rewards.values[:, 0], rollout.group_ids, self.config.advantage_scale,
+                                      self.config.advantage_eps)  # [B]
+        return advantages[:, None] * rollout.completion_mask  # [B, T]
 
 
-class GSPO(Strategy):
-    """Sequence credit unit: one length-normalised ratio and one advantage per sequence."""
+class GSPO(GRPO):
+    """Sequence credit unit: one length-normalised ratio and one advantage per sequence (GRPO's advantages)."""
 
     name = "gspo"
     ratio_level = "unit"
@@ -62,9 +71,6 @@ class GSPO(Strategy):
     def unit_ids(self, rollout: Rollout, rewards) -> Tensor:
         mask = rollout.completion_mask.bool()  # [B, T]: unit 0 = the whole row
         return torch.where(mask, torch.zeros_like(mask, dtype=torch.long), torch.full_like(mask, -1, dtype=torch.long))
-
-    def advantages(self, rewards, rollout: Rollout, unit_ids: Tensor) -> Tensor:
-        return self.sequence_advantages(rewards, rollout)  # [B, T]
 
     def num_units(self, rewards) -> int:
         return 1

@@ -64,12 +64,18 @@ def save_checkpoint(
     trainer_state: dict,
     components: dict | None = None,
     keep_last: int | None = None,
+    name: str | None = None,
 ) -> Path:
-    """Write `run_dir/checkpoints/step_<step>` atomically and return its path."""
+    """Write `run_dir/checkpoints/<name>` (default `step_<step>`) atomically and return its path.
+
+    Only `step_<int>` directories count as resumable checkpoints and are pruned to `keep_last`;
+    another name (the best checkpoint on the validation split: "best") is kept as it is.
+    """
     checkpoints = Path(run_dir) / "checkpoints"
     checkpoints.mkdir(parents=True, exist_ok=True)
-    final = checkpoints / f"step_{step}"
-    temporary = checkpoints / f".tmp_step_{step}"
+    name = name or f"step_{step}"
+    final = checkpoints / name
+    temporary = checkpoints / f".tmp_{name}"
     if temporary.exists():
         shutil.rmtree(temporary)
     temporary.mkdir()
@@ -106,9 +112,12 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 
 def load_checkpoint(
-    checkpoint: Path, model, optimizer: torch.optim.Optimizer, scheduler, generator: torch.Generator | None
+    checkpoint: Path, model, optimizer: torch.optim.Optimizer | None, scheduler, generator: torch.Generator | None
 ) -> tuple[dict, dict]:
-    """Restore weights, optimizer, scheduler and RNG states in place; return (trainer_state, components)."""
+    """Restore weights, optimizer, scheduler and RNG states in place; return (trainer_state, components).
+
+    With `optimizer` None only the weights are restored (the RNG states too only with a generator).
+    """
     from safetensors.torch import load_file
 
     checkpoint = Path(checkpoint)
@@ -122,10 +131,12 @@ def load_checkpoint(
             f"checkpoint {checkpoint} does not match the model: missing {sorted(set(missing) - tied)}, "
             f"unexpected {sorted(unexpected)}; resume with the same --model and config"
         )
-    optimizer_state = torch.load(checkpoint / "optimizer.pt", map_location="cpu", weights_only=False)
-    optimizer.load_state_dict(optimizer_state["optimizer"])
-    scheduler.load_state_dict(optimizer_state["scheduler"])
-    restore_rng_state(torch.load(checkpoint / "rng_state.pt", weights_only=False), generator)
+    if optimizer is not None:
+        optimizer_state = torch.load(checkpoint / "optimizer.pt", map_location="cpu", weights_only=False)
+        optimizer.load_state_dict(optimizer_state["optimizer"])
+        scheduler.load_state_dict(optimizer_state["scheduler"])
+    if generator is not None:
+        restore_rng_state(torch.load(checkpoint / "rng_state.pt", weights_only=False), generator)
     components = torch.load(checkpoint / "components.pt", map_location=str(next(model.parameters()).device),
                             weights_only=False)
     return json.loads((checkpoint / "trainer_state.json").read_text()), components

@@ -34,6 +34,8 @@ the group mean and divided by the unbiased std plus eps:
     A_i = (R_i - mean_g R) / (std_g R + eps)     scale = group
     A_i = (R_i - mean_g R) / (std_B R + eps)     scale = batch (std over the whole batch)
     A_i =  R_i - mean_g R                        scale = none  (Dr. GRPO)
+    A_i =  R_i - mean_{j != i} R_j               scale = leave_one_out  (RLOO, Ahmadian et al. 2024,
+         = G / (G - 1) (R_i - mean_g R)                   arXiv 2402.14740, Eq. 7)
 
 Per-rank rewards [B, N] are normalised rank by rank across the group.
 """
@@ -50,7 +52,7 @@ from engine.config import check, check_choice
 LOG_RATIO_LIMIT = 20.0
 AGGREGATION_MODES = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm", "seq_mean_unit_mean")
 KL_ESTIMATORS = ("k1", "k2", "k3")
-ADVANTAGE_SCALES = ("group", "batch", "none")
+ADVANTAGE_SCALES = ("group", "batch", "none", "leave_one_out")
 RATIO_LEVELS = ("token", "unit")
 
 
@@ -87,7 +89,7 @@ def group_advantages(rewards: Tensor, group_ids: Tensor, scale: str = "group", e
     """Group-relative advantages of rewards [B] or per-rank rewards [B, N].
 
     group_ids [B]: prompt index of each row (any integers; rows need not be sorted).
-    Std is unbiased (n - 1); a group of one sample gets advantage 0.
+    Std is unbiased (n - 1); a group of one sample gets advantage 0 (every scale).
     """
     if scale not in ADVANTAGE_SCALES:
         raise ValueError(f"unknown advantage scale {scale!r}; choose one of {ADVANTAGE_SCALES}")
@@ -110,6 +112,9 @@ def group_advantages(rewards: Tensor, group_ids: Tensor, scale: str = "group", e
     centred = rewards - group_mean  # [B, N]
     if scale == "none":
         advantages = centred
+    elif scale == "leave_one_out":
+        sizes = counts[group_index]  # [B, 1]
+        advantages = centred * torch.where(sizes > 1, sizes / (sizes - 1).clamp(min=1), torch.zeros_like(sizes))
     elif scale == "group":
         squares = torch.zeros_like(sums).scatter_add_(0, index, centred**2)  # [Gp, N]
         group_std = (squares / (counts - 1).clamp(min=1)).sqrt()[group_index]  # [B, N]

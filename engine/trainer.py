@@ -11,6 +11,13 @@ One step:
     5. learner.update(...)                                                   time_learn_s
     6. metrics.jsonl / tensorboard / tqdm; eval every `eval_every`; checkpoint every `save_every`
 
+Choosing the reported model. The policy is evaluated on the task's validation split before
+training, every `eval_every` steps and at the end; the best of these by the task's
+`selection_metric` is kept as `checkpoints/best`. At the end the test split is evaluated
+twice: for the best checkpoint (eval.json's `<stage>`, the reported numbers) and for the last
+step (`<stage>/last`); `selection` records the metric, the best step and the validation
+history. The test split never chooses anything.
+
 The engine knows nothing about recommendation: a `Task` provides prompts, rewards and
 an evaluation. Prompts come in epochs: a fresh seeded permutation per epoch, which the
 strategy's `order_prompts` hook may reorder or shorten (a curriculum). The prompt
@@ -60,9 +67,10 @@ class Task(Protocol):
         """[B] (one reward per completion), [B, U] or `Rewards`; NaN marks a broken reward."""
         ...
 
-    def evaluate(self, generate: Callable[..., list[str]]) -> dict[str, float]:
-        """Metrics of greedy completions on held-out prompts; `generate(chats, prompt_indices=None,
-        logits_hook=None)` maps chats to texts."""
+    def evaluate(self, generate: Callable[..., list[str]], split: str = "test") -> dict[str, float]:
+        """Metrics of greedy completions on the "val" or "test" prompts; `generate(chats,
+        prompt_indices=None, logits_hook=None)` maps chats to texts. The task's `selection_metric`
+        attribute names the metric (higher is better) that chooses the reported checkpoint."""
         ...
 
 
@@ -129,6 +137,12 @@ class PromptSource:
                                                                 state["consumed"])
 
 
+def completion_stop_ids(task, tokenizer, model) -> list[int]:
+    """The tokens that end a completion: EOS (engine.tokens.eos_token_ids) and the task's `stop_token_ids`."""
+    stop = getattr(task, "stop_token_ids", None)
+    return sorted(set(eos_token_ids(tokenizer, model)) | set(stop(tokenizer) if stop else []))
+
+
 def greedy_generate(model, tokenizer, chats: list[list[dict]], max_new_tokens: int, max_prompt_length: int,
                     batch_size: int, stop_token_ids: list[int], make_decoder: DecoderFactory | None = None,
                     prompt_indices: list[int] | None = None, logits_hook=None) -> list[str]:
@@ -158,11 +172,12 @@ class Trainer:
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(seed)
         self.prompts = PromptSource(task.num_train_prompts(), seed, strategy.order_prompts)
-        stop = getattr(task, "stop_token_ids", None)
-        self.stop_ids = sorted(set(eos_token_ids(tokenizer, model)) | set(stop(tokenizer) if stop else []))
+        self.stop_ids = completion_stop_ids(task, tokenizer, model)
         self.logits_hook = getattr(task, "logits_hook", None)
         self.step = 0
         self.stalled = {"no reward spread in any group": 0, "gradient norm 0": 0}
+        self.selection = {"metric": task.selection_metric, "split": "val", "best_step": None, "best_value": None,
+                          "history": []}
 
     # ------------------------------------------------------------------
     def resume(self, run_dir: Path) -> int:
@@ -174,19 +189,27 @@ class Trainer:
                                             self.generator)
         self.step = state["step"]
         self.prompts.load_state_dict(state["prompts"])
-        self.stalled = state["stalled"]
+        self.stalled, self.selection = state["stalled"], state["selection"]
         self.strategy.load_state_dict(components["strategy"])
         if hasattr(self.task, "load_state_dict"):
             self.task.load_state_dict(components["task"])
         return self.step
 
-    def save(self) -> Path:
+    def save(self, name: str | None = None) -> Path:
         components = {"strategy": self.strategy.state_dict(),
                       "task": self.task.state_dict() if hasattr(self.task, "state_dict") else {}}
-        state = {"prompts": self.prompts.state_dict(), "stalled": self.stalled, "stage": self.stage_name}
+        state = {"prompts": self.prompts.state_dict(), "stalled": self.stalled, "selection": self.selection,
+                 "stage": self.stage_name}
         return save_checkpoint(self.run_dir, self.step, self.model, self.tokenizer, self.learner.optimizer,
                                self.learner.scheduler, self.generator, state, components,
-                               keep_last=self.config.keep_checkpoints)
+                               keep_last=self.config.keep_checkpoints, name=name)
+
+    def _load_weights(self, checkpoint: Path) -> None:
+        """The model, strategy and task state of a checkpoint (not the optimizer or RNG states)."""
+        _, components = load_checkpoint(checkpoint, self.model, None, None, None)
+        self.strategy.load_state_dict(components["strategy"])
+        if hasattr(self.task, "load_state_dict"):
+            self.task.load_state_dict(components["task"])
 
     def generate(self, chats: list[list[dict]], prompt_indices: list[int] | None = None, logits_hook=None) -> list[str]:
         """Greedy completions, as tasks evaluate them."""
@@ -194,8 +217,8 @@ class Trainer:
                                self.config.max_prompt_length, self.config.eval_batch_size, self.stop_ids,
                                self.make_decoder, prompt_indices, logits_hook)
 
-    def evaluate(self) -> dict[str, float]:
-        return self.task.evaluate(self.generate)
+    def evaluate(self, split: str = "test") -> dict[str, float]:
+        return self.task.evaluate(self.generate, split)
 
     # ------------------------------------------------------------------
     def _rollout_and_score(self, num_prompts: int) -> tuple[Rollout, Rewards, list[str], float, float]:
@@ -305,8 +328,9 @@ class Trainer:
         """Count consecutive steps on which `condition` holds; past the limit, say so in the metrics."""
         self.stalled[condition] = self.stalled[condition] + 1 if holds else 0
         if self.stalled[condition] >= self.config.stall_warning_steps:
-            metrics["warning"] = (f"{condition} for {self.stalled[condition]} steps in a row: "
-                                  "the policy is not learning (check the rewards and the learning rate)")
+            warning = (f"{condition} for {self.stalled[condition]} steps in a row: the policy is not learning "
+                       "(check the rewards and the learning rate)")
+            metrics["warning"] = f"{metrics['warning']}; {warning}" if "warning" in metrics else warning
 
     def train(self, logger: RunLogger | None = None) -> dict[str, float]:
         """Run until `max_steps`; return the final evaluation."""
@@ -314,7 +338,8 @@ class Trainer:
         logger = logger or RunLogger(self.run_dir, config.max_steps, self.step, description=self.stage_name)
         try:
             if self.step == 0:
-                self._evaluate_and_log(logger, stage=self.initial_stage_name)
+                write_eval(self.run_dir, self.initial_stage_name, self._evaluate_and_log(logger, "test"))
+                self._validate(logger)
             while self.step < config.max_steps:
                 metrics = self.train_step()
                 self.step += 1
@@ -326,21 +351,41 @@ class Trainer:
                 if sample_text is not None and config.log_samples_every and self.step % config.log_samples_every == 0:
                     logger.log_text("samples/completion", sample_text, self.step)
                 if config.eval_every and self.step % config.eval_every == 0 and self.step < config.max_steps:
-                    self._evaluate_and_log(logger)
+                    self._validate(logger)
                 if config.save_every and self.step % config.save_every == 0 and self.step < config.max_steps:
                     self.save()
-            final = self._evaluate_and_log(logger, stage=self.stage_name)
+            if not self.selection["history"] or self.selection["history"][-1][0] != self.step:
+                self._validate(logger)
             self.save()
-            return final
+            last = self._evaluate_and_log(logger, "test")
+            best = last
+            if self.selection["best_step"] != self.step:
+                self._load_weights(self.run_dir / "checkpoints" / "best")
+                best = self.evaluate("test")
+            write_eval(self.run_dir, self.stage_name, best)
+            write_eval(self.run_dir, f"{self.stage_name}/last", last)
+            write_eval(self.run_dir, "selection", self.selection)
+            return best
         finally:
             logger.close()
 
-    def _evaluate_and_log(self, logger: RunLogger, stage: str | None = None) -> dict[str, float]:
-        results = self.evaluate()
-        logger.log_step({"step": self.step, "eval": True, **{f"eval/{k}": v for k, v in results.items()}})
-        if stage is not None:
-            write_eval(self.run_dir, stage, results)
+    def _evaluate_and_log(self, logger: RunLogger, split: str) -> dict[str, float]:
+        results = self.evaluate(split)
+        logger.log_step({"step": self.step, "eval": True, "split": split,
+                         **{f"eval/{k}": v for k, v in results.items()}})
         return results
+
+    def _validate(self, logger: RunLogger) -> None:
+        """Evaluate on the validation split; keep the model as `checkpoints/best` when it is the best so far."""
+        results = self._evaluate_and_log(logger, "val")
+        metric = self.selection["metric"]
+        if metric not in results:
+            raise ValueError(f"the task's selection_metric {metric!r} is not among its metrics {sorted(results)}")
+        value = float(results[metric])
+        self.selection["history"].append([self.step, value])
+        if self.selection["best_value"] is None or value > self.selection["best_value"]:
+            self.selection.update(best_step=self.step, best_value=value)
+            self.save(name="best")
 
 
 def write_eval(run_dir: Path, stage: str, results: dict[str, float]) -> None:

@@ -9,7 +9,8 @@ Rewards for a generated list (rewards/ does the parsing and matching):
     ndcg      R   = NDCG@N of the whole list                (one sequence reward, for GRPO / GSPO)
 
 The first three give per-rank rewards [B, N] (rank_grpo); `ndcg` gives [B].
-Evaluation decodes greedily on the test split and averages Recall@K / NDCG@K.
+Evaluation decodes greedily on the validation split (NDCG@10 chooses the reported
+checkpoint) or the test split and averages Recall@K / NDCG@K.
 
 The list length N is the data source's own (Reddit-v2 prompts ask for 20 items, the
 MovieLens requests for 10 unless `task.list_length` says otherwise). SFT demonstrations
@@ -41,7 +42,7 @@ class RecTaskConfig:
     list_length: int | None = None  # N; None = the data source's own (Reddit-v2: 20, MovieLens: 10)
     reward_kind: str = "exp_inf"
     reward_gamma: float = 2.0  # Gamma of exp_gamma
-    eval_size: int = 0  # 0 = the whole test split
+    eval_size: int = 0  # evaluate on the first eval_size requests of the val and test splits; 0 = all
     train_cut_points: int | None = 3  # MovieLens training requests per user; None = every usable prefix
 
     def __post_init__(self) -> None:
@@ -56,6 +57,8 @@ class RecTaskConfig:
 
 
 class RecommendationTask:
+    selection_metric = "ndcg@10"
+
     def __init__(self, data: RecData, list_length: int, reward_kind: str, reward_gamma: float = 2.0,
                  eval_size: int = 0):
         check_choice("reward_kind", reward_kind, REWARD_KINDS)
@@ -65,8 +68,9 @@ class RecommendationTask:
         self.list_length = list_length
         self.reward_kind = reward_kind
         self.reward_gamma = reward_gamma
-        # A fixed, deterministic evaluation subset: the first `eval_size` test examples.
-        self.eval_examples = data.test[:eval_size] if eval_size else data.test
+        # Fixed, deterministic evaluation subsets: the first `eval_size` examples of each split.
+        self.splits = {"val": data.val[:eval_size] if eval_size else data.val,
+                       "test": data.test[:eval_size] if eval_size else data.test}
 
     # --- training prompts and rewards ------------------------------------
     def num_train_prompts(self) -> int:
@@ -103,9 +107,10 @@ class RecommendationTask:
         return texts
 
     # --- evaluation -------------------------------------------------------
-    def evaluate(self, generate: Callable[[list[list[dict]]], list[str]]) -> dict[str, float]:
-        completions = generate([e.messages for e in self.eval_examples])
-        metrics = [evaluate_list(text, e, self.data.catalog) for text, e in zip(completions, self.eval_examples)]
+    def evaluate(self, generate: Callable[..., list[str]], split: str = "test") -> dict[str, float]:
+        examples = self.splits[split]
+        completions = generate([e.messages for e in examples])
+        metrics = [evaluate_list(text, e, self.data.catalog) for text, e in zip(completions, examples)]
         result = mean_metrics(metrics)
         result["in_catalog_frac"] = float(np.mean([
             np.mean([line.item is not None and line.item in self.data.catalog for line in parse_list(text)] or [0.0])
@@ -114,21 +119,28 @@ class RecommendationTask:
         return result
 
 
-def build_recommendation_task(config: RecTaskConfig, data_dir: str | None) -> tuple[RecommendationTask, RecData]:
-    """Load the data (Reddit-v2 or MovieLens-100K, see experiments.data) and build the task.
+def build_recommendation_task(config, data_dir: str | None) -> tuple[RecommendationTask, list[str], str, str]:
+    """(task, tokenizer corpus, data source, data fingerprint) for an experiment's config.
 
-    MovieLens training requests get EASE-teacher demonstrations for the SFT warm start.
+    Loads Reddit-v2 or MovieLens-100K (experiments.data); MovieLens training and validation
+    requests get EASE-teacher demonstrations for the SFT warm start.
     """
     from experiments.baselines import attach_demonstrations, fit_teacher
     from experiments.data import DataError, load_recommendation_data
 
-    data = load_recommendation_data(data_dir, list_length=config.list_length or 10, source=config.source,
-                                    verbose=False, train_cuts_per_user=config.train_cut_points)
-    if config.list_length is not None and config.list_length != data.list_length:
-        raise DataError(f"task.list_length={config.list_length}: the {data.source} prompts ask for "
+    settings = config.task
+    data = load_recommendation_data(data_dir, list_length=settings.list_length or 10, source=settings.source,
+                                    verbose=False, train_cuts_per_user=settings.train_cut_points)
+    if settings.list_length is not None and settings.list_length != data.list_length:
+        raise DataError(f"task.list_length={settings.list_length}: the {data.source} prompts ask for "
                         f"{data.list_length} items; leave task.list_length unset (none) to use the data's own")
     if data.movielens is not None:
         teacher = fit_teacher(data.movielens, part="train")
         attach_demonstrations(data.train, teacher, data.movielens)
         attach_demonstrations(data.val, teacher, data.movielens)
-    return RecommendationTask(data, data.list_length, config.reward_kind, config.reward_gamma, config.eval_size), data
+        print(f"data: Reddit-v2 not found in the data dir; using the MovieLens-100K conversational set instead "
+              f"({len(data.train)} train / {len(data.val)} val / {len(data.test)} test requests)")
+    else:
+        print(f"data: Reddit-v2 conversations ({len(data.train)} train / {len(data.val)} val / {len(data.test)} test)")
+    task = RecommendationTask(data, data.list_length, settings.reward_kind, settings.reward_gamma, settings.eval_size)
+    return task, task.corpus(), data.source, data.fingerprint

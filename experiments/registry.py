@@ -9,11 +9,25 @@ engine's default or, for the loss, the strategy's paper default (algorithms/*.py
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
-from experiments.rec_task import RecTaskConfig
-from experiments.sort_task import SortTaskConfig
+from experiments.rec_task import RecTaskConfig, build_recommendation_task
+from experiments.sort_task import SortTaskConfig, build_sort_task
 
-TASKS = {"sort": SortTaskConfig, "recommendation": RecTaskConfig}
+
+@dataclass(frozen=True)
+class TaskType:
+    """A task's config dataclass (the `task.*` keys) and its builder:
+    build(experiment config, data dir) -> (task, tokenizer corpus, data source, data fingerprint)."""
+
+    config: type
+    build: Callable
+
+
+TASKS = {
+    "sort": TaskType(SortTaskConfig, build_sort_task),
+    "recommendation": TaskType(RecTaskConfig, build_recommendation_task),
+}
 
 
 @dataclass

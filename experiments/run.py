@@ -15,6 +15,13 @@ The pipeline of an experiment of kind "rl": build the task (data) -> the policy 
 checkpoint, or a tiny model and a tokenizer trained on the task's text) -> an SFT warm start
 (cached per configuration and data) -> the strategy, the learner and the trainer
 (engine/trainer.py), which runs the RL loop and writes the run directory.
+
+Besides engine.trainer.Task, a task may define three optional steps of this pipeline:
+`prepare_policy(model, tokenizer)` (after a policy is built or loaded: e.g. add tokens;
+must be idempotent), `warm_start(model, tokenizer, config) -> history` (its own SFT stage
+instead of behaviour cloning on `demonstrations()`), and `bind(model, tokenizer)` (before
+RL and evaluation: tasks whose rewards or metrics need the policy itself, e.g. to encode
+an item table).
 """
 
 from __future__ import annotations
@@ -67,7 +74,7 @@ def new_config(name: str, quick: bool, assignments: list[str]) -> ExperimentConf
         key, _, text = assignment.partition("=")
         if key.strip() == "algorithm":
             algorithm = text.strip()
-    config = default_tree(name, experiment.kind, experiment.task_type, algorithm, TASKS[experiment.task_type])
+    config = default_tree(name, experiment.kind, experiment.task_type, algorithm, TASKS[experiment.task_type].config)
     config = apply(config, {**experiment.settings, **(experiment.quick if quick else {})})
     return apply_command_line(config, [a for a in assignments if a.partition("=")[0].strip() != "algorithm"])
 
@@ -75,7 +82,8 @@ def new_config(name: str, quick: bool, assignments: list[str]) -> ExperimentConf
 def stored_config(record: dict) -> ExperimentConfig:
     """The configuration a run directory's config.json recorded."""
     tree = record["config"]
-    config = default_tree(tree["name"], tree["kind"], tree["task_type"], tree["algorithm"], TASKS[tree["task_type"]])
+    config = default_tree(tree["name"], tree["kind"], tree["task_type"], tree["algorithm"],
+                          TASKS[tree["task_type"]].config)
     flat = {key: value for key, value in _flatten(tree).items() if key not in ("name", "kind", "task_type")}
     return apply(config, flat)
 
@@ -160,44 +168,37 @@ def seed_everything(seed: int) -> None:
 
 
 def build_task(config: ExperimentConfig, data_dir: str | None):
-    """(task, tokenizer corpus, data source description, data fingerprint)."""
-    if config.task_type == "sort":
-        from experiments.sort_task import SortTask
-
-        task = SortTask(config.task, config.seed)
-        return task, task.corpus(), "built-in digit sorting", "sort"
+    """(task, tokenizer corpus, data source, data fingerprint), from the task type's builder."""
     from experiments.data import DataError
-    from experiments.rec_task import build_recommendation_task
 
     try:
-        task, data = build_recommendation_task(config.task, data_dir)
+        return TASKS[config.task_type].build(config, data_dir)
     except (DataError, ValueError) as error:
         raise ExperimentError(str(error)) from error
-    if data.source == "reddit-v2":
-        print(f"data: Reddit-v2 conversations ({len(data.train)} train / {len(data.test)} test)")
-    else:
-        print(f"data: Reddit-v2 not found in the data dir; using the MovieLens-100K conversational set instead "
-              f"({len(data.train)} train / {len(data.test)} test requests)")
-    return task, task.corpus(), data.source, data.fingerprint
 
 
-def build_policy(config: ExperimentConfig, corpus: list[str], source: str | None = None):
-    """(model, tokenizer): `source` or `model.path` when given, else a tiny model + a tokenizer trained on `corpus`."""
+def build_policy(config: ExperimentConfig, task, corpus: list[str], source: str | None = None):
+    """(model, tokenizer): `source` or `model.path` when given, else a tiny model + a tokenizer trained on
+    `corpus`; then the task's `prepare_policy`, if it has one."""
     from models.loader import ModelLoadError, load_model_and_tokenizer
     from models.tiny import build_tiny_model, train_tokenizer
 
     source = source or config.model.path
     if source:
         try:
-            return load_model_and_tokenizer(source, device=config.device)
+            model, tokenizer = load_model_and_tokenizer(source, device=config.device)
         except ModelLoadError as error:
             raise ExperimentError(str(error)) from error
-    tokenizer = train_tokenizer(corpus, vocab_size=config.model.vocab_size)
-    model = build_tiny_model(config.model.tiny, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
-                             eos_token_id=tokenizer.eos_token_id, seed=config.seed)
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    return model.to(config.device), tokenizer
+    else:
+        tokenizer = train_tokenizer(corpus, vocab_size=config.model.vocab_size)
+        model = build_tiny_model(config.model.tiny, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                                 eos_token_id=tokenizer.eos_token_id, seed=config.seed)
+        model.generation_config.eos_token_id = tokenizer.eos_token_id
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+        model = model.to(config.device)
+    if hasattr(task, "prepare_policy"):
+        task.prepare_policy(model, tokenizer)
+    return model, tokenizer
 
 
 def sft_cache_dir(config: ExperimentConfig, data_fingerprint: str) -> Path:
@@ -223,19 +224,22 @@ def run_sft_stage(config: ExperimentConfig, task, corpus: list[str], data_finger
         print(f"SFT: reusing cached checkpoint {folder}")
         return folder
     seed_everything(config.seed)
-    model, tokenizer = build_policy(config, corpus)
-    chats, completions = task.demonstrations()
-    print(f"SFT: {config.sft.steps} steps on {len(chats)} demonstrations")
-    progress = tqdm(total=config.sft.steps, desc="sft", dynamic_ncols=True)
+    model, tokenizer = build_policy(config, task, corpus)
+    if hasattr(task, "warm_start"):
+        history = task.warm_start(model, tokenizer, config)
+    else:
+        chats, completions = task.demonstrations()
+        print(f"SFT: {config.sft.steps} steps on {len(chats)} demonstrations")
+        progress = tqdm(total=config.sft.steps, desc="sft", dynamic_ncols=True)
 
-    def on_step(metrics):
-        progress.update(1)
-        progress.set_postfix(loss=f"{metrics['sft_loss']:.3f}")
+        def on_step(metrics):
+            progress.update(1)
+            progress.set_postfix(loss=f"{metrics['sft_loss']:.3f}")
 
-    history = supervised_finetune(model, tokenizer, chats, completions, config.sft, seed=config.seed,
-                                  max_prompt_length=config.trainer.max_prompt_length,
-                                  max_completion_length=config.sampling.max_new_tokens, on_step=on_step)
-    progress.close()
+        history = supervised_finetune(model, tokenizer, chats, completions, config.sft, seed=config.seed,
+                                      max_prompt_length=config.trainer.max_prompt_length,
+                                      max_completion_length=config.sampling.max_new_tokens, on_step=on_step)
+        progress.close()
     temporary = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
     shutil.rmtree(temporary, ignore_errors=True)
     model.save_pretrained(temporary)
@@ -256,8 +260,10 @@ def run_rl(config: ExperimentConfig, run_dir: Path, task, corpus: list[str], res
     from models.loader import enable_activation_checkpointing
 
     seed_everything(config.seed)
-    model, tokenizer = build_policy(config, corpus, initial_model)
+    model, tokenizer = build_policy(config, task, corpus, initial_model)
     reference_model = copy.deepcopy(model) if config.learner.kl_coef > 0 else None
+    if hasattr(task, "bind"):
+        task.bind(model, tokenizer)
     if config.model.gradient_checkpointing:
         enable_activation_checkpointing(model)
     strategy = strategy_class(config.algorithm)(config.strategy, tokenizer=tokenizer, task=task)
@@ -280,14 +286,15 @@ def run_rl(config: ExperimentConfig, run_dir: Path, task, corpus: list[str], res
 def run_sft_only(config: ExperimentConfig, run_dir: Path, task, corpus: list[str], data_source: str,
                  fingerprint: str) -> dict:
     """SFT (cached) and its evaluation on the test split, as stage "sft" of eval.json."""
-    from engine.tokens import eos_token_ids
-    from engine.trainer import greedy_generate, write_eval
+    from engine.trainer import completion_stop_ids, greedy_generate, write_eval
     from fastdecode import fast_decoder
 
     folder = run_sft_stage(config, task, corpus, fingerprint)
     write_config(run_dir, config, {"data_source": data_source, "sft_checkpoint": str(folder)})
-    model, tokenizer = build_policy(config, corpus, str(folder))
-    stop_ids = eos_token_ids(tokenizer, model)
+    model, tokenizer = build_policy(config, task, corpus, str(folder))
+    if hasattr(task, "bind"):
+        task.bind(model, tokenizer)
+    stop_ids = completion_stop_ids(task, tokenizer, model)
     results = task.evaluate(lambda chats, prompt_indices=None, logits_hook=None: greedy_generate(
         model, tokenizer, chats, config.sampling.max_new_tokens, config.trainer.max_prompt_length,
         config.trainer.eval_batch_size, stop_ids, fast_decoder, prompt_indices, logits_hook))
@@ -362,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
         config, changes = resolve_config(args)
         if args.show_config:
             print(describe(config, default_tree(config.name, config.kind, config.task_type, config.algorithm,
-                                                TASKS[config.task_type])))
+                                                TASKS[config.task_type].config)))
             return 0
         if args.resume:
             run_dir = Path(args.resume)

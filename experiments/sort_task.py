@@ -8,7 +8,8 @@ the completion (in order) and `target` the sorted digits,
     reward = #{i : predicted[i] == target[i]} / max(|predicted|, |target|)
 
 so missing and extra digits both cost. Evaluation reports the mean reward and the
-exact-match rate of greedy completions on held-out prompts.
+exact-match rate of greedy completions on held-out prompts: a validation set (which chooses
+the reported checkpoint) and a test set, disjoint random draws.
 """
 
 from __future__ import annotations
@@ -66,11 +67,14 @@ def make_examples(count: int, min_digits: int, max_digits: int, seed: int) -> li
 
 
 class SortTask:
-    """Train and eval prompts for digit sorting (disjoint random draws from different seeds)."""
+    """Train, validation and test prompts for digit sorting (random draws from different seeds)."""
+
+    selection_metric = "reward"
 
     def __init__(self, config: SortTaskConfig, seed: int):
         self.train = make_examples(config.train_size, config.min_digits, config.max_digits, seed)
-        self.eval = make_examples(config.eval_size, config.min_digits, config.max_digits, seed + 1_000_003)
+        self.splits = {split: make_examples(config.eval_size, config.min_digits, config.max_digits, seed + offset)
+                       for split, offset in (("test", 1_000_003), ("val", 2_000_003))}
 
     def corpus(self) -> list[str]:
         """Text to train a tokenizer on: prompts and answers."""
@@ -92,9 +96,15 @@ class SortTask:
             dtype=torch.float32,
         )
 
-    def evaluate(self, generate: Callable[[list[list[dict]]], list[str]]) -> dict[str, float]:
-        chats = [[{"role": "user", "content": example.prompt}] for example in self.eval]
-        completions = generate(chats)
-        rewards = [sort_reward(text, example.digits) for text, example in zip(completions, self.eval)]
-        exact = [text.strip() == example.answer for text, example in zip(completions, self.eval)]
+    def evaluate(self, generate: Callable[..., list[str]], split: str = "test") -> dict[str, float]:
+        examples = self.splits[split]
+        completions = generate([[{"role": "user", "content": example.prompt}] for example in examples])
+        rewards = [sort_reward(text, example.digits) for text, example in zip(completions, examples)]
+        exact = [text.strip() == example.answer for text, example in zip(completions, examples)]
         return {"reward": float(np.mean(rewards)), "exact_match": float(np.mean(exact))}
+
+
+def build_sort_task(config, data_dir: str | None) -> tuple[SortTask, list[str], str, str]:
+    """(task, tokenizer corpus, data source, data fingerprint) for an experiment's config."""
+    task = SortTask(config.task, config.seed)
+    return task, task.corpus(), "built-in digit sorting", "sort"

@@ -23,10 +23,8 @@ Advantages of the G paths of one user (rows with the same group id):
 
 * GRPO, the paper's default: (R_i - mean_g R) / (std_g R + eps) with the unbiased
   std; that is ``engine.loss.group_advantages`` (the official code uses eps = 1e-8).
-* leave-one-out (RLOO, Kool et al. 2019): the baseline of path i is the mean reward
-  of the other G - 1 paths,
-      A_i = R_i - mean_{j != i} R_j = G / (G - 1) (R_i - mean_g R).
-  A group of one path has no baseline and gets the neutral advantage 0.
+* leave-one-out (RLOO): the baseline of path i is the mean reward of the other G - 1
+  paths, A_i = R_i - mean_{j != i} R_j; ``group_advantages(..., scale="leave_one_out")``.
 * best-path mask (paper Eq. 8): only the path(s) with the highest advantage of each
   group train the item head. ``best_path_mask`` marks the ``top_k`` highest
   advantages per group (top_k = 1 is the paper's i* = argmax_i A_i); on ties the
@@ -40,7 +38,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from engine.loss import group_advantages
 
 DEFAULT_BETA = 0.05
 DEFAULT_NDCG_K = 1000
@@ -124,21 +121,6 @@ def recpo_reward(
     ranking = ndcg_reward(target_ranks(scores, targets, history_mask), k)  # [B]
     probability = catalog_probability(scores, targets, history_mask)  # [B]
     return beta * probability + (1.0 - beta) * ranking
-
-
-def leave_one_out_advantages(rewards: Tensor, group_ids: Tensor) -> Tensor:
-    """RLOO advantages A_i = R_i - mean_{j != i} R_j = G/(G-1) (R_i - mean_g R); [B] float32.
-
-    rewards [B] (or per-rank [B, N]); group_ids [B]: the prompt (user) of each row.
-    Rows of a one-row group get 0.
-    """
-    centred = group_advantages(rewards, group_ids, scale="none")  # [B] or [B, N]: R_i - mean_g R
-    _, group_index, group_counts = torch.unique(group_ids, return_inverse=True, return_counts=True)
-    sizes = group_counts[group_index].to(centred.dtype)  # [B]
-    factor = torch.where(sizes > 1, sizes / (sizes - 1).clamp(min=1), torch.zeros_like(sizes))  # [B]
-    if centred.dim() == 2:
-        factor = factor[:, None]  # [B, 1]
-    return centred * factor
 
 
 def best_path_mask(advantages: Tensor, group_ids: Tensor, top_k: int = 1) -> Tensor:

@@ -6,8 +6,6 @@ import numpy as np
 import pytest
 import torch
 
-from algorithms.base import token_unit_ids
-from algorithms.dapo import overlong_penalty
 from engine.loss import LossConfig, aggregate, clipped_surrogate, group_advantages, kl_penalty, policy_loss, unit_mean
 
 OLD = [[-1.3, -0.6, -1.7], [-0.9, -1.0, -0.15]]
@@ -101,41 +99,6 @@ def test_log_ratio_is_clamped_before_exp():
     assert torch.isfinite(loss).all() and float(loss) == pytest.approx(np.exp(20.0), rel=1e-5)
 
 
-def _gspo_loss(mask, low, high):
-    logprobs, old, advantages, mask_t = _inputs(mask)
-    unit_ids = torch.where(mask_t, 0, -1)  # the sequence unit
-    config = LossConfig(clip_ratio_low=low, clip_ratio_high=high, loss_agg_mode="seq_mean_token_mean")
-    loss, metrics = policy_loss(logprobs, old, advantages, mask_t, config, unit_ids=unit_ids, ratio_level="unit")
-    loss.backward()
-    pooled = unit_mean(((logprobs - old) * mask_t).detach(), unit_ids, num_units=1)
-    return float(loss.detach()), logprobs.grad.numpy(), pooled.numpy(), metrics
-
-
-def test_gspo_sequence_ratio_loss_and_gradient():
-    loss, grad, pooled, metrics = _gspo_loss(FULL, 0.2, 0.28)
-    np.testing.assert_allclose(pooled[:, 0], [0.033333, -0.016667], atol=1e-6)
-    assert loss == pytest.approx(0.134915, abs=1e-6)
-    # ratio statistics are those of the sequence ratios s_i, over the 6 tokens
-    assert float(metrics["ratio_max"]) == pytest.approx(1.033895, abs=1e-6)
-    assert float(metrics["ratio_min"]) == pytest.approx(0.983471, abs=1e-6)
-    assert float(metrics["ratio_sum"]) == pytest.approx(3 * (1.033895 + 0.983471), abs=1e-5)
-    loss, grad, pooled, _ = _gspo_loss(PAD, 0.2, 0.28)
-    assert loss == pytest.approx(0.162035, abs=1e-6)
-    np.testing.assert_allclose(grad, [[-0.086158] * 3, [0.210254, 0.210254, 0]], atol=1e-6)
-    np.testing.assert_allclose(np.exp(pooled[:, 0]), [1.033895, 1.051271], atol=1e-6)
-
-
-def test_gspo_paper_clip_range():
-    loss, grad, _, metrics = _gspo_loss(FULL, 3e-4, 4e-4)
-    assert loss == pytest.approx(0.149780, abs=1e-6)
-    np.testing.assert_allclose(grad, 0.0, atol=1e-12)  # both sequences clipped
-    assert float(metrics["clipped_tokens"]) == 6
-    loss, grad, _, _ = _gspo_loss(PAD, 3e-4, 4e-4)
-    assert loss == pytest.approx(0.170408, abs=1e-6)
-    # Sequence 2: A < 0 and s > 1 + eps -> the pessimistic min keeps the unclipped branch.
-    np.testing.assert_allclose(grad, [[0, 0, 0], [0.210254, 0.210254, 0]], atol=1e-6)
-
-
 def test_on_policy_identity_ratio_is_one():
     logprobs, _, advantages, mask = _inputs(FULL)
     config = LossConfig(clip_ratio_low=0.2, clip_ratio_high=0.28, loss_agg_mode="seq_mean_token_mean")
@@ -193,6 +156,33 @@ def test_group_advantages_per_rank_and_random_against_numpy():
     )
 
 
+def numpy_leave_one_out(rewards, groups):
+    advantages = np.zeros_like(rewards)
+    for i in range(len(rewards)):
+        others = [rewards[j] for j in range(len(rewards)) if j != i and groups[j] == groups[i]]
+        advantages[i] = rewards[i] - np.mean(others) if others else 0.0
+    return advantages
+
+
+def test_leave_one_out_matches_numpy():
+    generator = np.random.default_rng(5)
+    rewards = generator.random(11)
+    groups = np.array([2, 0, 2, 1, 0, 1, 2, 0, 2, 7, 1])  # unsorted, sizes 4, 3, 3 and 1
+    advantages = group_advantages(torch.tensor(rewards), torch.tensor(groups), "leave_one_out")
+    np.testing.assert_allclose(advantages.numpy(), numpy_leave_one_out(rewards, groups), atol=1e-6)
+    assert advantages[9].item() == 0.0  # a group of one has no baseline
+
+
+def test_leave_one_out_oracle():
+    # the fused RecPO rewards of docs/recpo.md's worked example (R = 0.05 R_c + 0.95 R_d)
+    rewards = torch.tensor([0.95500, 0.60188, 0.36851, 0.21634])
+    advantages = group_advantages(rewards, torch.zeros(4, dtype=torch.long), "leave_one_out")
+    mean = 0.5354325
+    expected = [4 / 3 * (r - mean) for r in rewards.tolist()]  # G/(G-1)(R - mean), not the code's R(1+1/G) - mean
+    np.testing.assert_allclose(advantages.numpy(), expected, atol=1e-5)
+    assert advantages.sum().item() == pytest.approx(0.0, abs=1e-6)
+
+
 def test_group_advantages_reject_nan():
     with pytest.raises(ValueError, match="NaN"):
         group_advantages(torch.tensor([1.0, float("nan")]), torch.tensor([0, 0]))
@@ -212,18 +202,6 @@ def test_unit_mean_against_numpy_and_gradient():
     np.testing.assert_allclose(pooled.detach().numpy(), expected)
     pooled.sum().backward()  # each token of a unit of size n: n * (1/n) = 1; no credit: 0
     np.testing.assert_allclose(tensor.grad.numpy(), (unit_ids >= 0).astype(float))
-
-
-def test_token_unit_ids():
-    mask = torch.tensor([[1, 1, 0], [1, 1, 1]], dtype=torch.bool)
-    assert token_unit_ids(mask).tolist() == [[0, 1, -1], [0, 1, 2]]
-
-
-def test_dapo_overlong_shaping_oracle():
-    lengths = torch.tensor([5, 6, 7, 8, 10, 11])
-    np.testing.assert_allclose(overlong_penalty(lengths, 10, 4).numpy(), [0, 0, -0.25, -0.5, -1.0, -1.0])
-    paper = overlong_penalty(torch.tensor([16384, 18432, 20480]), 20480, 4096)
-    np.testing.assert_allclose(paper.numpy(), [0, -0.5, -1.0])
 
 
 def test_seq_mean_unit_mean_matches_rank_grpo_paper_example_b():

@@ -10,7 +10,6 @@ from engine.loss import group_advantages
 from rewards.recpo import (
     best_path_mask,
     catalog_probability,
-    leave_one_out_advantages,
     ndcg_reward,
     recpo_reward,
     target_ranks,
@@ -154,32 +153,6 @@ def test_bad_inputs_raise():
         catalog_probability(torch.tensor([[0.0, float("-inf"), 1.0]]), torch.tensor([0]))
     with pytest.raises(ValueError, match=r"\[B\]"):
         target_ranks(scores, torch.tensor([0]))
-
-
-def numpy_leave_one_out(rewards, groups):
-    advantages = np.zeros_like(rewards)
-    for i in range(len(rewards)):
-        others = [rewards[j] for j in range(len(rewards)) if j != i and groups[j] == groups[i]]
-        advantages[i] = rewards[i] - np.mean(others) if others else 0.0
-    return advantages
-
-
-def test_leave_one_out_matches_numpy():
-    generator = np.random.default_rng(5)
-    rewards = generator.random(11)
-    groups = np.array([2, 0, 2, 1, 0, 1, 2, 0, 2, 7, 1])  # unsorted, sizes 4, 3, 3 and 1
-    advantages = leave_one_out_advantages(torch.tensor(rewards), torch.tensor(groups))
-    np.testing.assert_allclose(advantages.numpy(), numpy_leave_one_out(rewards, groups), atol=1e-6)
-    assert advantages[9].item() == 0.0  # a group of one has no baseline
-
-
-def test_leave_one_out_oracle():
-    rewards = torch.tensor([0.95500, 0.60188, 0.36851, 0.21634])
-    advantages = leave_one_out_advantages(rewards, torch.zeros(4, dtype=torch.long))
-    mean = 0.5354325
-    expected = [4 / 3 * (r - mean) for r in rewards.tolist()]  # G/(G-1)(R - mean), not the code's R(1+1/G) - mean
-    np.testing.assert_allclose(advantages.numpy(), expected, atol=1e-5)
-    assert advantages.sum().item() == pytest.approx(0.0, abs=1e-6)
 
 
 def numpy_best_paths(advantages, groups, top_k):

@@ -33,6 +33,14 @@ def test_grpo_sort_quick_learns(tmp_path):
     assert run.main(["grpo_sort", "--quick", "--out", str(out)]) == 0
     evaluation = json.loads((out / "eval.json").read_text())
     assert evaluation["grpo"]["reward"] > evaluation["sft"]["reward"] + 0.15
+    # the reported checkpoint is the best on the validation split; the last step is reported beside it
+    selection = evaluation["selection"]
+    assert selection["metric"] == "reward" and selection["split"] == "val"
+    assert [step for step, _ in selection["history"]] == [0, 100]
+    assert selection["best_value"] == max(value for _, value in selection["history"])
+    assert "grpo/last" in evaluation and (out / "checkpoints" / "best" / "model.safetensors").exists()
+    splits = [row.get("split") for row in read_metrics(out / "metrics.jsonl") if row.get("eval")]
+    assert splits == ["test", "val", "val", "test"]
     rewards = [row["reward_mean"] for row in read_metrics(out / "metrics.jsonl") if not row.get("eval")]
     assert sum(rewards[-20:]) / 20 > sum(rewards[:20]) / 20 + 0.1
     config = json.loads((out / "config.json").read_text())
@@ -117,6 +125,43 @@ def test_cli_errors_exit_2_with_one_line(argv, message, capsys, tmp_path, monkey
     assert message in error and error.count("\n") == 1
 
 
+def test_resume_refuses_changed_settings_except_the_run_length(tmp_path, capsys):
+    out = tmp_path / "run"
+    arguments = ["grpo_sort", *TINY, "--set", "max_steps=2", "--set", "save_every=1", "--set", "eval_every=0"]
+    assert run.main([*arguments, "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert run.main(["grpo_sort", "--resume", str(out), "--set", "learner.lr=0.01"]) == 2
+    error = capsys.readouterr().err
+    assert "--resume: learner.lr was 0.0003 in that run, 0.01 now" in error and error.count("\n") == 1
+    assert run.main(["grpo_sort", "--resume", str(out), "--set", "max_steps=3"]) == 0
+    record = json.loads((out / "config.json").read_text())
+    assert record["config"]["trainer"]["max_steps"] == 3
+    assert record["resumes"][-1]["changes"] == {"trainer.max_steps": [2, 3]}
+    assert [row["step"] for row in read_metrics(out / "metrics.jsonl") if not row.get("eval")] == [1, 2, 3]
+
+
+def test_show_config_lists_every_key_with_value_and_default(capsys):
+    assert run.main(["rank_grpo_reddit", "--show-config", "--set", "learner.ppo_epochs=2"]) == 0
+    lines = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines()[1:]}
+    # key, type, this experiment's value, the default (the strategy's paper value here), short name
+    assert lines["learner.clip_ratio_high"][:4] == ["learner.clip_ratio_high", "float", "0.08", "0.08"]
+    assert lines["learner.loss_agg_mode"][:4] == ["learner.loss_agg_mode", "str", "'token_mean'",
+                                                  "'seq_mean_unit_mean'"]  # the code's vs the paper's
+    assert lines["learner.ppo_epochs"] == ["learner.ppo_epochs", "int", "2", "1", "ppo_epochs"]
+    assert lines["learner.lr"] == ["learner.lr", "float", "2e-05", "1e-05"]  # no short name: sft.lr has it too
+    assert "strategy.length_shaping" in lines and "task.reward_kind" in lines and "sft.steps" in lines
+
+
+def test_sft_cache_key_covers_the_sft_config_and_the_data(tmp_path, monkeypatch):
+    monkeypatch.setenv("RECRL_CACHE_DIR", str(tmp_path))
+    config = run.new_config("rank_grpo_reddit", False, [])
+    same = run.sft_cache_dir(config, "data-a")
+    assert same == run.sft_cache_dir(run.new_config("rank_grpo_reddit", False, ["learner.lr=1e-3"]), "data-a")
+    assert same != run.sft_cache_dir(config, "data-b")  # other data files
+    for change in ("sft.lr=1e-4", "sft.batch_size=8", "hidden_size=128", "task.train_cut_points=none", "seed=1"):
+        assert same != run.sft_cache_dir(run.new_config("rank_grpo_reddit", False, [change]), "data-a"), change
+
+
 def test_list_names_every_experiment(capsys):
     assert run.main(["--list"]) == 0
     listed = capsys.readouterr().out
@@ -139,7 +184,9 @@ class ToyTask:
     def rewards(self, prompt_indices, completions, rollout):
         return torch.tensor([self.reward(i, text) for i, text in zip(prompt_indices, completions)])
 
-    def evaluate(self, generate):
+    selection_metric = "reward"
+
+    def evaluate(self, generate, split="test"):
         return {"reward": 0.0}
 
 
@@ -179,3 +226,50 @@ def test_dynamic_sampling_gives_up_after_max_rounds(tokenizer, tmp_path):
     metrics = trainer.train_step()
     assert "kept no group" in metrics["skipped"] and metrics["frac_groups_dropped"] == 1.0
     assert trainer.prompts.consumed == 4
+
+
+def test_no_reward_spread_is_reported_loudly(tokenizer, tmp_path):
+    """Every group with equal rewards means zero advantages: after `stall_warning_steps` such steps
+    the metrics say so (and the gradient norm is 0, the other condition watched)."""
+    from algorithms.grpo import GRPO
+
+    trainer, _ = _trainer(tokenizer, tmp_path, ToyTask(lambda index, text: 1.0), GRPO(), stall_warning_steps=2)
+    first = trainer.train_step()
+    trainer.step += 1
+    second = trainer.train_step()
+    assert first["zero_spread_frac"] == 1.0 and "warning" not in first
+    assert "no reward spread in any group for 2 steps" in second["warning"]
+    assert "gradient norm 0 for 2 steps" in second["warning"]
+    assert second["grad_norm"] == 0.0
+    varied, _ = _trainer(tokenizer, tmp_path / "varied", ToyTask(lambda index, text: float(len(text) % 3)), GRPO(),
+                         stall_warning_steps=2)
+    assert all("warning" not in varied.train_step() for _ in range(3))
+
+
+def test_reported_checkpoint_is_the_best_on_validation_not_the_last(tokenizer, tmp_path):
+    from algorithms.grpo import GRPO
+
+    class DecliningTask(ToyTask):
+        """Validation gets worse with every evaluation; the test metric reads the model's weights."""
+
+        def __init__(self):
+            super().__init__(lambda index, text: float(len(text) % 3))
+            self.validations, self.model = 0, None
+
+        def evaluate(self, generate, split="test"):
+            if split == "val":
+                self.validations += 1
+                return {"reward": 1.0 / self.validations}
+            return {"reward": float(sum(p.detach().double().sum() for p in self.model.parameters()))}
+
+    task = DecliningTask()
+    trainer, model = _trainer(tokenizer, tmp_path, task, GRPO(), max_steps=3, eval_every=1)
+    task.model = model
+    initial = float(sum(p.detach().double().sum() for p in model.parameters()))
+    trainer.train()
+    final = float(sum(p.detach().double().sum() for p in model.parameters()))
+    evaluation = json.loads((tmp_path / "eval.json").read_text())
+    assert evaluation["selection"]["best_step"] == 0 and len(evaluation["selection"]["history"]) == 4
+    assert evaluation["rl"]["reward"] == pytest.approx(initial, rel=1e-12)  # the step-0 weights were tested
+    assert evaluation["rl/last"]["reward"] != pytest.approx(initial, rel=1e-9)  # the last step's were not
+    assert final == pytest.approx(initial, rel=1e-12)  # the model ends holding the reported (best) weights
