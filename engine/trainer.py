@@ -15,7 +15,7 @@ Choosing the reported model. The policy is evaluated on the task's validation sp
 training, every `eval_every` steps and at the end; the best of these by the task's
 `selection_metric` is kept as `checkpoints/best`. At the end the test split is evaluated
 twice: for the best checkpoint (eval.json's `<stage>`, the reported numbers) and for the last
-step (`<stage>/last`); `selection` records the metric, the best step and the validation
+step (`<stage>/last`); `selection.json` records the metric, the best step and the validation
 history. The test split never chooses anything.
 
 The engine knows nothing about recommendation: a `Task` provides prompts, rewards and
@@ -364,7 +364,7 @@ class Trainer:
                 best = self.evaluate("test")
             write_eval(self.run_dir, self.stage_name, best)
             write_eval(self.run_dir, f"{self.stage_name}/last", last)
-            write_eval(self.run_dir, "selection", self.selection)
+            atomic_write_json(self.run_dir / "selection.json", self.selection)
             return best
         finally:
             logger.close()
@@ -389,10 +389,13 @@ class Trainer:
 
 
 def write_eval(run_dir: Path, stage: str, results: dict[str, float]) -> None:
-    """Merge `{stage: results}` into run_dir/eval.json (written atomically)."""
+    """Merge `{stage: results}` into run_dir/eval.json."""
     path = Path(run_dir) / "eval.json"
-    existing = json.loads(path.read_text()) if path.exists() else {}
-    existing[stage] = results
-    temporary = path.with_suffix(".json.tmp")
-    temporary.write_text(json.dumps(existing, indent=2))
+    atomic_write_json(path, {**(json.loads(path.read_text()) if path.exists() else {}), stage: results})
+
+
+def atomic_write_json(path: Path, value) -> None:
+    """Write JSON to a temporary file and rename it over `path`, so a reader never sees half a file."""
+    temporary = Path(path).with_suffix(".json.tmp")
+    temporary.write_text(json.dumps(value, indent=2))
     temporary.replace(path)

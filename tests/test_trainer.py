@@ -34,7 +34,7 @@ def test_grpo_sort_quick_learns(tmp_path):
     evaluation = json.loads((out / "eval.json").read_text())
     assert evaluation["grpo"]["reward"] > evaluation["sft"]["reward"] + 0.15
     # the reported checkpoint is the best on the validation split; the last step is reported beside it
-    selection = evaluation["selection"]
+    selection = json.loads((out / "selection.json").read_text())
     assert selection["metric"] == "reward" and selection["split"] == "val"
     assert [step for step, _ in selection["history"]] == [0, 100]
     assert selection["best_value"] == max(value for _, value in selection["history"])
@@ -269,7 +269,8 @@ def test_reported_checkpoint_is_the_best_on_validation_not_the_last(tokenizer, t
     trainer.train()
     final = float(sum(p.detach().double().sum() for p in model.parameters()))
     evaluation = json.loads((tmp_path / "eval.json").read_text())
-    assert evaluation["selection"]["best_step"] == 0 and len(evaluation["selection"]["history"]) == 4
+    selection = json.loads((tmp_path / "selection.json").read_text())
+    assert selection["best_step"] == 0 and len(selection["history"]) == 4
     assert evaluation["rl"]["reward"] == pytest.approx(initial, rel=1e-12)  # the step-0 weights were tested
     assert evaluation["rl/last"]["reward"] != pytest.approx(initial, rel=1e-9)  # the last step's were not
     assert final == pytest.approx(initial, rel=1e-12)  # the model ends holding the reported (best) weights
