@@ -31,13 +31,13 @@ GPU for the price of two host-device copies per update.
 from __future__ import annotations
 
 import math
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
 from engine.config import check, check_choice, is_finite_number
+from engine.distributed import all_reduce, is_sharded, step_counts
 from engine.logprobs import TokenScores, completion_logprobs
 from engine.loss import LossConfig, policy_loss
 from engine.rollout import Rollout
@@ -178,9 +178,7 @@ class Learner:
     # ------------------------------------------------------------------
     def _autocast(self):
         device = next(self.model.parameters()).device
-        if self.config.bf16_autocast and device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return nullcontext()
+        return torch.autocast(device.type, torch.bfloat16, enabled=self.config.bf16_autocast and device.type == "cuda")
 
     def _score(self, model, rollout: Rollout, rows: Tensor, with_entropy: bool = False,
                hidden_positions: Tensor | None = None) -> tuple[TokenScores, int]:
@@ -191,23 +189,16 @@ class Learner:
         completion_length = max(int(completion_mask.any(dim=0).nonzero()[-1]) + 1, 1) if completion_mask.any() else 1
         with self._autocast():
             scores = completion_logprobs(
-                model,
-                rollout.prompt_ids[rows, first_prompt_column:],
-                prompt_mask[:, first_prompt_column:],
-                rollout.completion_ids[rows, :completion_length],
-                completion_mask[:, :completion_length],
-                temperature=rollout.temperature,
-                chunk_size=self.config.logits_chunk_size,
-                with_entropy=with_entropy,
+                model, rollout.prompt_ids[rows, first_prompt_column:], prompt_mask[:, first_prompt_column:],
+                rollout.completion_ids[rows, :completion_length], completion_mask[:, :completion_length],
+                temperature=rollout.temperature, chunk_size=self.config.logits_chunk_size, with_entropy=with_entropy,
                 hidden_positions=None if hidden_positions is None else hidden_positions[rows],
-                logits_hook=rollout.logits_hook,
-                prompt_indices=rollout.prompt_indices[rows],
-            )
+                logits_hook=rollout.logits_hook, prompt_indices=rollout.prompt_indices[rows])
         return scores, completion_length
 
     def _logprobs_no_grad(self, model, rollout: Rollout) -> Tensor:
         """Log-probs of every row under `model`, [B, T] (micro-batched, no autograd graph)."""
-        with torch.inference_mode():
+        with torch.no_grad() if is_sharded(model) else torch.inference_mode():  # FSDP2 writes into its buffers
             logprobs = torch.zeros_like(rollout.old_logprobs)
             for rows in torch.arange(rollout.num_rows, device=logprobs.device).split(self.config.micro_batch_size):
                 scores, length = self._score(model, rollout, rows)
@@ -246,8 +237,8 @@ class Learner:
             for mini_batch_rows in all_rows.tensor_split(config.mini_batches):
                 if mini_batch_rows.numel() == 0:
                     continue
-                num_tokens = float(mask[mini_batch_rows].sum())
-                num_sequences = float(mini_batch_rows.numel())
+                # of the whole step: over every rank, divided by their number (engine/distributed.py)
+                num_tokens, num_sequences = step_counts(mask[mini_batch_rows])
                 self.optimizer.zero_grad(set_to_none=True)
                 step_loss = torch.zeros((), device=device)
                 for rows in mini_batch_rows.split(config.micro_batch_size):
@@ -256,18 +247,11 @@ class Learner:
                     logprobs = scores.logprobs  # [b, t]
                     row_mask = mask[rows, :length]  # [b, t]
                     loss, metrics = policy_loss(
-                        logprobs,
-                        logprobs.detach() if on_policy else old_logprobs[rows, :length],
-                        batch.advantages[rows, :length],
-                        row_mask,
-                        config,
-                        unit_ids=batch.unit_ids[rows, :length],
-                        ratio_level=strategy.ratio_level,
-                        num_units=batch.num_units,
+                        logprobs, logprobs.detach() if on_policy else old_logprobs[rows, :length],
+                        batch.advantages[rows, :length], row_mask, config, unit_ids=batch.unit_ids[rows, :length],
+                        ratio_level=strategy.ratio_level, num_units=batch.num_units,
                         ref_logprobs=None if ref_logprobs is None else ref_logprobs[rows, :length],
-                        num_tokens=num_tokens,
-                        num_sequences=num_sequences,
-                    )
+                        num_tokens=num_tokens, num_sequences=num_sequences)
                     extra = strategy.extra_loss(self.model, batch, rows, scores.hidden)  # sum over rows, or None
                     if extra is not None:
                         loss = loss + extra / num_sequences
@@ -282,6 +266,7 @@ class Learner:
                         sums["entropy"] += (scores.entropy * row_mask).sum()
                         sums["entropy_tokens"] += row_mask.sum()
                 grad_norm = torch.nn.utils.clip_grad_norm_(self.parameters, config.max_grad_norm)
+                step_loss = all_reduce(step_loss, "mean")  # the whole step's loss; every rank skips alike
                 if bool(torch.isfinite(step_loss)) and bool(torch.isfinite(grad_norm)):
                     self.optimizer.step()
                     self.scheduler.step()

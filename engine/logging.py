@@ -1,8 +1,11 @@
 """Run logging: `metrics.jsonl`, tensorboard scalars and sample texts, and a tqdm bar.
 
 `metrics.jsonl` has one JSON object per step (plus eval rows tagged `"eval": true`).
-On resume the file is cut back to the checkpoint's step first, so a resumed run's
-file reads as if it had never stopped.
+On resume the file is cut back to the rows written before the checkpoint it resumes
+from (every row of an earlier step, and the rows of the checkpoint's own step except the
+test evaluation, which comes after the final checkpoint; none without a checkpoint), so
+a resumed run's file reads as if it had never stopped. A line torn by a crash is dropped
+with a warning. Only rank 0 of several processes writes (`active`).
 """
 
 from __future__ import annotations
@@ -16,16 +19,21 @@ from tqdm.auto import tqdm
 
 
 class RunLogger:
-    def __init__(self, run_dir: Path, total_steps: int, start_step: int = 0, description: str = "train"):
-        self.run_dir = Path(run_dir)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+    def __init__(self, run_dir: Path, total_steps: int, start_step: int = 0, description: str = "train",
+                 active: bool = True):
+        self.run_dir, self.active = Path(run_dir), active
         self.metrics_path = self.run_dir / "metrics.jsonl"
-        truncate_metrics(self.metrics_path, after_step=start_step)
+        if not active:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        truncate_metrics(self.metrics_path, checkpoint_step=start_step)
         self.writer = SummaryWriter(log_dir=str(self.run_dir))
         self.progress = tqdm(total=total_steps, initial=start_step, desc=description, dynamic_ncols=True)
 
     def log_step(self, metrics: dict) -> None:
         """Append one step's metrics and update tensorboard and the progress bar."""
+        if not self.active:
+            return
         step = int(metrics["step"])
         with self.metrics_path.open("a") as handle:
             handle.write(json.dumps(_jsonable(metrics)) + "\n")
@@ -41,31 +49,41 @@ class RunLogger:
             )
 
     def log_text(self, tag: str, text: str, step: int) -> None:
-        # Markdown in tensorboard: keep line breaks inside a code block.
-        self.writer.add_text(tag, "```\n" + text + "\n```", step)
+        if self.active:  # Markdown in tensorboard: keep line breaks inside a code block.
+            self.writer.add_text(tag, "```\n" + text + "\n```", step)
 
     def message(self, text: str) -> None:
-        self.progress.write(text)
+        if self.active:
+            self.progress.write(text)
 
     def close(self) -> None:
+        if not self.active:
+            return
         self.progress.close()
         self.writer.flush()
         self.writer.close()
 
 
-def truncate_metrics(path: Path, after_step: int) -> None:
-    """Drop rows with step > after_step (written by a run that died after its last checkpoint)."""
+def truncate_metrics(path: Path, checkpoint_step: int) -> None:
+    """Keep the rows written before the checkpoint of `checkpoint_step` (0: no checkpoint, keep none)."""
     if not path.exists():
         return
-    kept = []
-    for line in path.read_text().splitlines():
-        if line.strip() and json.loads(line).get("step", 0) <= after_step:
-            kept.append(line)
-    path.write_text("".join(line + "\n" for line in kept))
+    kept = [json.dumps(row) for row in read_metrics(path) if row.get("step", 0) < checkpoint_step or (
+        row.get("step") == checkpoint_step > 0 and row.get("split") != "test")]
+    temporary = path.with_suffix(".jsonl.tmp")  # a crash while cutting keeps the old file
+    temporary.write_text("".join(line + "\n" for line in kept))
+    temporary.replace(path)
 
 
 def read_metrics(path: Path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    """The rows of a metrics.jsonl; a line that is not JSON (torn by a crash) is dropped with a warning."""
+    rows = []
+    for number, line in enumerate(Path(path).read_text().splitlines(), 1):
+        try:
+            rows.extend([json.loads(line)] if line.strip() else [])
+        except ValueError:
+            print(f"warning: {path} line {number} is not JSON (torn by a crash?): dropped: {line[:80]!r}")
+    return rows
 
 
 def _jsonable(metrics: dict) -> dict:

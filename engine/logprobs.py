@@ -6,11 +6,16 @@ For a completion token y_t that follows the context c_t (prompt + y_<t):
 
 This is the *selective* log-softmax: gather the chosen logit, subtract the
 log-normaliser. The full [B, T, V] fp32 log-softmax is never built: the hidden
-states of the completion positions go through `lm_head` in chunks of
-`chunk_size` positions, so the extra memory is O(B * chunk_size * V). When
-gradients are needed each chunk is wrapped in activation checkpointing, so the
-chunk's logits are not kept for the backward pass either (they are recomputed,
-one extra `lm_head` matmul per chunk).
+states of the completion positions go through `lm_head` in chunks of `chunk_size`
+positions, so the extra memory is O(B * chunk_size * V). The backward, with g the
+gradient of log pi(y_t) and p = softmax(z / tau) = exp(z / tau - logsumexp(z / tau)):
+
+    d log pi(y_t) / dz = (onehot(y_t) - p) / tau        dh = dz W        dW = dz^T h
+
+(p is 0 where a constraint put -inf). A completion that fits in one chunk keeps p for
+the backward, which builds dz over it in place; with more chunks each keeps only its
+log-normalisers and recomputes its logits in the backward (one more LM-head product).
+The entropy -sum p log p = lse - sum p z / tau comes from the same logits (`with_entropy`).
 
 The model is reached through its own `forward` (so DDP / FSDP2 wrappers, which hook
 `forward`, see every call): it runs with `logits_to_keep=1` (one position of logits,
@@ -36,8 +41,8 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.checkpoint import checkpoint
 
 # logits_hook(logits [N, C, V], prompt_indices [N], completion_ids [N, T], start) -> logits [N, C, V]:
 # the logits of completion positions start .. start + C - 1 with disallowed tokens set to -inf.
@@ -71,36 +76,60 @@ def _backbone_output(model):
         handle.remove()
 
 
-def _chunk_logits(hidden: Tensor, lm_head, temperature: float, logits_hook: LogitsHook | None,
-                  prompt_indices: Tensor | None, completion_ids: Tensor, start: int) -> Tensor:
-    """hidden [B, C, H] -> float32 logits / temperature [B, C, V], constrained by the hook if any."""
-    logits = lm_head(hidden).float()  # [B, C, V]
-    if logits_hook is not None:
-        logits = logits_hook(logits, prompt_indices, completion_ids, start)
-    return logits / temperature
+class _ChunkLogProbs(torch.autograd.Function):
+    """log pi(targets) [B, C] from hidden [B, C, H] via the LM head (weight [V, H], bias), the hook (it and
+    its arguments after the logits, or None) and the temperature; the entropy [B, C] when asked; `keep`:
+    keep p for the backward, which runs in the forward product's precision (bf16 under autocast)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, hook, temperature, with_entropy, keep):
+        raw = F.linear(hidden, weight, bias)  # [B, C, V]; autocast decides its precision
+        logits = _scaled_logits(raw.float(), hook, temperature)  # [B, C, V] float32
+        chosen = logits.gather(-1, targets[..., None]).squeeze(-1)  # [B, C]
+        maxes = logits.amax(dim=-1, keepdim=True)  # [B, C, 1]
+        # e = exp(z / tau - m) [B, C, V]: beside the logits when they are needed again, else over them
+        exponentials = (logits - maxes).exp_() if keep or with_entropy else logits.sub_(maxes).exp_()
+        sums = exponentials.sum(dim=-1)  # [B, C]
+        log_normaliser = sums.log() + maxes.squeeze(-1)  # [B, C] logsumexp(z / tau)
+        entropy = None
+        if with_entropy:  # -sum p log p = lse - sum e z / tau / s, counting 0 * -inf as 0
+            values = logits.clamp_(min=torch.finfo(logits.dtype).min) if hook is not None else logits
+            dot = torch.bmm(exponentials.view(-1, 1, values.shape[-1]), values.view(-1, values.shape[-1], 1))
+            entropy = log_normaliser - dot.view_as(sums) / sums
+        ctx.probabilities = torch.sub(logits, log_normaliser[..., None], out=exponentials).exp_() if keep else None  # p
+        ctx.save_for_backward(hidden, weight, bias, targets, log_normaliser)
+        ctx.hook, ctx.temperature, ctx.compute_dtype = hook, temperature, raw.dtype
+        ctx.mark_non_differentiable(*(() if entropy is None else (entropy,)))
+        return chosen - log_normaliser, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logprobs, grad_entropy):
+        hidden, weight, bias, targets, log_normaliser = ctx.saved_tensors
+        dtype, needs = ctx.compute_dtype, ctx.needs_input_grad
+        probabilities, ctx.probabilities = ctx.probabilities, None  # [B, C, V]; once (no double backward)
+        if probabilities is None:  # recompute p = exp(z / tau - lse), as the forward forms a kept p
+            raw = F.linear(hidden.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)).float()
+            probabilities = _scaled_logits(raw, ctx.hook, ctx.temperature).sub_(log_normaliser[..., None]).exp_()
+        grad_logits = probabilities.mul_(-grad_logprobs[..., None])  # dz = (onehot(y) - p) g / tau, in place
+        grad_logits.scatter_add_(-1, targets[..., None], grad_logprobs[..., None])
+        grad_logits = (grad_logits.div_(ctx.temperature) if ctx.temperature != 1.0 else grad_logits).to(dtype)
+        grad_logits = grad_logits.flatten(0, 1)  # [B * C, V]
+        grad_hidden = grad_logits.mm(weight.to(dtype)).view_as(hidden).to(hidden.dtype) if needs[0] else None
+        grad_weight = grad_logits.t().mm(hidden.to(dtype).flatten(0, 1)).to(weight.dtype) if needs[1] else None
+        grad_bias = grad_logits.sum(0).to(bias.dtype) if needs[2] else None
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None
 
 
-def _selective_log_softmax(hidden, lm_head, targets, temperature, logits_hook, prompt_indices, completion_ids,
-                           start) -> Tensor:
-    """hidden [B, C, H], targets [B, C] -> log pi(target) [B, C] in fp32."""
-    logits = _chunk_logits(hidden, lm_head, temperature, logits_hook, prompt_indices, completion_ids, start)
-    chosen = logits.gather(-1, targets[..., None]).squeeze(-1)  # [B, C]
-    return chosen - torch.logsumexp(logits, dim=-1)
+def _scaled_logits(logits: Tensor, hook, temperature: float) -> Tensor:
+    """float32 logits [B, C, V] -> constrained by the hook (disallowed tokens -inf), / temperature."""
+    logits = logits if hook is None else hook[0](logits, *hook[1:])
+    return logits.div_(temperature) if temperature != 1.0 else logits
 
 
-def completion_logprobs(
-    model,
-    prompt_ids: Tensor,
-    prompt_mask: Tensor,
-    completion_ids: Tensor,
-    completion_mask: Tensor,
-    temperature: float = 1.0,
-    chunk_size: int = 128,
-    with_entropy: bool = False,
-    hidden_positions: Tensor | None = None,
-    logits_hook: LogitsHook | None = None,
-    prompt_indices: Tensor | None = None,
-) -> TokenScores:
+def completion_logprobs(model, prompt_ids: Tensor, prompt_mask: Tensor, completion_ids: Tensor,
+                        completion_mask: Tensor, temperature: float = 1.0, chunk_size: int = 128,
+                        with_entropy: bool = False, hidden_positions: Tensor | None = None,
+                        logits_hook: LogitsHook | None = None, prompt_indices: Tensor | None = None) -> TokenScores:
     """Log-probs of each completion token, [B, T]; positions outside the mask are 0.
 
     prompt_ids/prompt_mask [B, S] (left-padded), completion_ids/completion_mask [B, T].
@@ -127,25 +156,14 @@ def completion_logprobs(
     # The hidden state at position i predicts token i + 1: completion token t is
     # predicted from position S - 1 + t.
     hidden = all_hidden[:, prompt_length - 1 : prompt_length - 1 + completion_length]  # [B, T, H]
-    lm_head = unwrap_model(model).get_output_embeddings()
 
-    use_checkpoint = torch.is_grad_enabled() and hidden.requires_grad
-    logprob_chunks, entropy_chunks = [], []
-    for start in range(0, completion_length, chunk_size):
-        hidden_chunk = hidden[:, start : start + chunk_size]  # [B, C, H]
-        arguments = (hidden_chunk, lm_head, completion_ids[:, start : start + chunk_size], temperature,
-                     logits_hook, prompt_indices, completion_ids, start)
-        if use_checkpoint:
-            logprob_chunks.append(checkpoint(_selective_log_softmax, *arguments, use_reentrant=False))
-        else:
-            logprob_chunks.append(_selective_log_softmax(*arguments))
-        if with_entropy:
-            with torch.no_grad():
-                logits = _chunk_logits(hidden_chunk.detach(), lm_head, temperature, logits_hook, prompt_indices,
-                                       completion_ids, start)  # [B, C, V]
-                logprobs = logits.log_softmax(dim=-1)
-                entropy_chunks.append(-(logprobs.exp() * logprobs.nan_to_num(neginf=0.0)).sum(dim=-1))
+    lm_head = unwrap_model(model).get_output_embeddings()
+    keep = torch.is_grad_enabled() and completion_length <= chunk_size  # one chunk: keep p for the backward
+    chunks = [_ChunkLogProbs.apply(  # (log-probs [B, C], entropy [B, C] or None) per chunk of C positions
+        hidden[:, start:start + chunk_size], lm_head.weight, lm_head.bias, completion_ids[:, start:start + chunk_size],
+        None if logits_hook is None else (logits_hook, prompt_indices, completion_ids, start), temperature,
+        with_entropy, keep) for start in range(0, completion_length, chunk_size)]
     mask = completion_mask.bool()
-    logprobs = torch.cat(logprob_chunks, dim=1).masked_fill(~mask, 0.0)  # [B, T]
-    entropy = torch.cat(entropy_chunks, dim=1).masked_fill(~mask, 0.0) if with_entropy else None
+    logprobs = torch.cat([chunk[0] for chunk in chunks], dim=1).masked_fill(~mask, 0.0)  # [B, T]
+    entropy = torch.cat([chunk[1] for chunk in chunks], dim=1).masked_fill(~mask, 0.0) if with_entropy else None
     return TokenScores(logprobs=logprobs, entropy=entropy, hidden=hidden_at)

@@ -343,14 +343,11 @@ def policy_loss(
         max_length=config.loss_max_length, unit_ids=unit_ids, num_units=num_units,
     )
     ratio = log_ratio.detach().clamp(-LOG_RATIO_LIMIT, LOG_RATIO_LIMIT).exp()  # [B, T]
-    real_ratios = ratio[mask]
-    empty = real_ratios.numel() == 0
+    any_token = mask.any()  # masked reductions, not ratio[mask]: no host sync, the metrics stay on the device
     metrics = {
-        "tokens": mask.sum().float(),
-        "clipped_tokens": (clipped & mask).sum().float(),
-        "kl_sum": kl_sum,
-        "ratio_sum": real_ratios.sum(),
-        "ratio_max": real_ratios.max() if not empty else torch.ones((), device=ratio.device),
-        "ratio_min": real_ratios.min() if not empty else torch.ones((), device=ratio.device),
+        "tokens": mask.sum().float(), "clipped_tokens": (clipped & mask).sum().float(), "kl_sum": kl_sum,
+        "ratio_sum": (ratio * mask).sum(),
+        "ratio_max": torch.where(any_token, ratio.masked_fill(~mask, -torch.inf).amax(), 1.0),
+        "ratio_min": torch.where(any_token, ratio.masked_fill(~mask, torch.inf).amin(), 1.0),
     }
     return loss, metrics

@@ -24,10 +24,20 @@ strategy's `order_prompts` hook may reorder or shorten (a curriculum). The promp
 source's state, the strategy's and the task's state are in every checkpoint, so a
 resumed run draws exactly the prompts the uninterrupted run would.
 
-The loop fails loudly: a step whose rewards are not finite is skipped (weights
-untouched), and when every group has zero reward spread, or the gradient norm is 0,
-for `stall_warning_steps` steps in a row, a warning is printed and written into the
-step's metrics ("warning").
+The loop fails loudly: a step whose rewards or sampled log-probs are not finite (NaN
+logits) is skipped (weights untouched, "skipped" in its metrics, one message), as is the
+update when the learner's log-probs, loss or gradient are not finite; and when every
+group has zero reward spread, or the gradient norm is 0, for `stall_warning_steps` steps
+in a row, a warning is printed and written into the step's metrics ("warning"). Setting
+`stop_requested` (a signal handler: Ctrl-C) ends the loop after the current step with a
+checkpoint and `TrainingInterrupted`.
+
+Several processes (torchrun; engine/distributed.py): every rank draws the same prompts
+and samples its own share of whole groups, with its own generator; the decisions (skip,
+dynamic sampling's refills, stop) are taken on counts over all ranks, and every rank
+trains on the same number of groups (the smallest any rank kept). Evaluation prompts are
+shared out the same way. `reward_mean`, `tokens`, `loss` and `grad_norm` cover the whole
+step; the other metrics are rank 0's share. Rank 0 writes every file.
 """
 
 from __future__ import annotations
@@ -43,7 +53,8 @@ import torch
 from torch import Tensor
 
 from engine.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from engine.config import check
+from engine.config import check, check_choice
+from engine.distributed import MODES, all_reduce, broadcast, full_weights, gather, rank_and_size, shard
 from engine.learner import Learner, PolicyBatch, Rewards
 from engine.loss import group_reward_spread
 from engine.logging import RunLogger
@@ -74,6 +85,10 @@ class Task(Protocol):
         ...
 
 
+class TrainingInterrupted(Exception):
+    """`Trainer.train` stopped on `stop_requested` (signal `args[1]`), after writing the checkpoint `args[0]`."""
+
+
 @dataclass
 class TrainerConfig:
     max_steps: int = 100
@@ -87,6 +102,7 @@ class TrainerConfig:
     log_samples_every: int = 10
     keep_checkpoints: int = 2
     stall_warning_steps: int = 5  # warn after this many steps without reward spread or gradient
+    distributed: str = "ddp"  # under torchrun: "ddp" (whole weights on every rank) or "fsdp2" (sharded per block)
 
     def __post_init__(self) -> None:
         check(self.max_steps >= 1, "max_steps", self.max_steps, "must be >= 1")
@@ -98,6 +114,7 @@ class TrainerConfig:
             check(getattr(self, name) >= 0, name, getattr(self, name), "must be >= 0 (0 = off)")
         for name in ("max_generation_rounds", "eval_batch_size", "keep_checkpoints", "stall_warning_steps"):
             check(getattr(self, name) >= 1, name, getattr(self, name), "must be >= 1")
+        check_choice("distributed", self.distributed, MODES)
 
 
 class PromptSource:
@@ -124,7 +141,7 @@ class PromptSource:
         self.epoch += 1
         order = np.random.default_rng([self.seed, self.epoch]).permutation(self.num_prompts).tolist()
         if self.order_prompts is not None:
-            order = [int(i) for i in self.order_prompts(self.epoch, order)]
+            order = broadcast([int(i) for i in self.order_prompts(self.epoch, order)])  # rank 0's, on every rank
             if not order:
                 raise RuntimeError(f"order_prompts left no prompt for epoch {self.epoch}: every prompt was dropped")
         self.order, self.position = order, 0
@@ -169,12 +186,13 @@ class Trainer:
         self.run_dir = Path(run_dir)
         self.stage_name, self.initial_stage_name = stage_name, initial_stage_name
         self.device = next(model.parameters()).device
+        self.rank = rank_and_size()[0]
         self.generator = torch.Generator(device=self.device)
-        self.generator.manual_seed(seed)
+        self.generator.manual_seed(seed + 7919 * self.rank)  # each rank samples its own completions
         self.prompts = PromptSource(task.num_train_prompts(), seed, strategy.order_prompts)
         self.stop_ids = completion_stop_ids(task, tokenizer, model)
         self.logits_hook = getattr(task, "logits_hook", None)
-        self.step = 0
+        self.step, self.stop_requested = 0, 0  # stop_requested: a signal number, 0 = none
         self.stalled = {"no reward spread in any group": 0, "gradient norm 0": 0}
         self.selection = {"metric": task.selection_metric, "split": "val", "best_step": None, "best_value": None,
                           "history": []}
@@ -182,7 +200,7 @@ class Trainer:
     # ------------------------------------------------------------------
     def resume(self, run_dir: Path) -> int:
         """Restore the newest complete checkpoint of `run_dir`; return its step (0 if none)."""
-        checkpoint = latest_checkpoint(run_dir)
+        checkpoint = latest_checkpoint(run_dir, warn=print if self.rank == 0 else lambda text: None)
         if checkpoint is None:
             return 0
         state, components = load_checkpoint(checkpoint, self.model, self.learner.optimizer, self.learner.scheduler,
@@ -212,10 +230,13 @@ class Trainer:
             self.task.load_state_dict(components["task"])
 
     def generate(self, chats: list[list[dict]], prompt_indices: list[int] | None = None, logits_hook=None) -> list[str]:
-        """Greedy completions, as tasks evaluate them."""
-        return greedy_generate(self.model, self.tokenizer, chats, self.sampling.max_new_tokens,
-                               self.config.max_prompt_length, self.config.eval_batch_size, self.stop_ids,
-                               self.make_decoder, prompt_indices, logits_hook)
+        """Greedy completions, as tasks evaluate them (each rank completes its share of `chats`)."""
+        with full_weights(self.model):
+            texts = greedy_generate(self.model, self.tokenizer, shard(chats), self.sampling.max_new_tokens,
+                                    self.config.max_prompt_length, self.config.eval_batch_size, self.stop_ids,
+                                    self.make_decoder, None if prompt_indices is None else shard(prompt_indices),
+                                    logits_hook)
+        return [text for share in gather(texts) for text in share]
 
     def evaluate(self, split: str = "test") -> dict[str, float]:
         return self.task.evaluate(self.generate, split)
@@ -224,12 +245,13 @@ class Trainer:
     def _rollout_and_score(self, num_prompts: int) -> tuple[Rollout, Rewards, list[str], float, float]:
         """Sample the next prompts and score them: (rollout, rewards, texts, rollout seconds, reward seconds)."""
         start = time.perf_counter()
-        indices = self.prompts.take(num_prompts)
+        indices = shard(self.prompts.take(num_prompts))  # this rank's share
         chats = [self.task.train_messages(i) for i in indices]
         prompt_ids, prompt_mask = encode_prompts(self.tokenizer, chats, self.config.max_prompt_length, self.device)
-        rollout = sample(self.model, prompt_ids, prompt_mask, self.config.group_size, self.sampling, self.stop_ids,
-                         self.tokenizer.pad_token_id, self.generator, logits_hook=self.logits_hook,
-                         prompt_indices=torch.tensor(indices, device=self.device), make_decoder=self.make_decoder)
+        with full_weights(self.model):
+            rollout = sample(self.model, prompt_ids, prompt_mask, self.config.group_size, self.sampling,
+                             self.stop_ids, self.tokenizer.pad_token_id, self.generator, logits_hook=self.logits_hook,
+                             prompt_indices=torch.tensor(indices, device=self.device), make_decoder=self.make_decoder)
         texts = decode_completions(self.tokenizer, rollout.completion_ids, rollout.completion_mask,
                                    rollout.ended_with_eos)
         rollout_seconds = time.perf_counter() - start
@@ -249,18 +271,20 @@ class Trainer:
         step_start = time.perf_counter()
         time_rollout = time_reward = 0.0
         kept_rollouts, kept_rewards, texts_seen = [], [], []
-        groups_sampled = groups_kept = 0
+        groups_sampled = groups_kept = local_groups = 0  # groups over all ranks; local_groups: this rank's
         raw_reward_sum = raw_reward_count = 0.0
-        non_finite = filtered = False
+        non_finite, filtered, size = None, False, rank_and_size()[1]
         spread = []
         for _ in range(config.max_generation_rounds):
-            needed = config.prompts_per_step - groups_kept
+            needed = -(-(config.prompts_per_step - groups_kept) // size) * size  # rounded up: a share for every rank
             rollout, rewards, texts, rollout_seconds, reward_seconds = self._rollout_and_score(needed)
             time_rollout += rollout_seconds
             time_reward += reward_seconds
             start = time.perf_counter()
-            if not bool(torch.isfinite(rewards.values[rewards.mask]).all()):
-                non_finite = True
+            broken = all_reduce(torch.tensor([float(not torch.isfinite(values).all()) for values in (
+                rewards.values[rewards.mask], rollout.old_logprobs[rollout.completion_mask])]), "max")
+            if bool(broken.any()):  # on any rank
+                non_finite = "reward (NaN or inf) returned by the task" if broken[0] else "sampled log-prob (NaN logit)"
                 break
             raw_reward_sum += float(rewards.values[rewards.mask].sum())
             raw_reward_count += rewards.num_rows
@@ -275,7 +299,8 @@ class Trainer:
             if rows.numel():
                 kept_rollouts.append(rollout.select_rows(rows))
                 kept_rewards.append(rewards.select_rows(rows))
-            groups_kept += needed if keep is None else int(keep.sum())
+            local_groups += rollout.num_rows // config.group_size if keep is None else int(keep.sum())
+            groups_kept = int(all_reduce(torch.tensor(local_groups), "sum"))
             time_reward += time.perf_counter() - start
             if groups_kept >= config.prompts_per_step:
                 break
@@ -283,19 +308,24 @@ class Trainer:
         metrics: dict = {"step": self.step + 1, "epoch": self.prompts.epoch, "prompts_consumed": self.prompts.consumed}
         timings = dict(time_rollout_s=time_rollout, time_reward_s=time_reward, time_learn_s=0.0)
         if non_finite:
-            # Never train on a broken reward: the step is skipped and the weights stay untouched.
-            metrics.update(skipped="non-finite reward (NaN or inf) returned by the task", reward_mean=None, **timings)
+            # Never train on a broken reward or policy: the step is skipped and the weights stay untouched.
+            metrics.update(skipped=f"non-finite {non_finite}", reward_mean=None, **timings)
             return metrics
-        metrics["reward_mean"] = raw_reward_sum / max(raw_reward_count, 1.0)
+        reward_sum, reward_count = all_reduce(torch.tensor([raw_reward_sum, raw_reward_count])).tolist()
+        metrics["reward_mean"] = reward_sum / max(reward_count, 1.0)
         metrics["zero_spread_frac"] = 1.0 - float(torch.cat(spread).float().mean())
         if filtered:
             metrics["frac_groups_dropped"] = 1.0 - groups_kept / max(groups_sampled, 1)
-        if not kept_rollouts:
+        common = int(all_reduce(torch.tensor(local_groups), "min"))  # the same number of groups on every rank
+        if common == 0:
             self._watch("no reward spread in any group", True, metrics)
             metrics.update(skipped="dynamic sampling kept no group (all rewards equal within every group)", **timings)
             return metrics
 
         rollout, rewards = Rollout.concatenate(kept_rollouts), Rewards.concatenate(kept_rewards)
+        if common < local_groups:
+            rows = (rollout.group_ids < common).nonzero().squeeze(1)
+            rollout, rewards = rollout.select_rows(rows), rewards.select_rows(rows)
         start = time.perf_counter()
         unit_ids = self.strategy.unit_ids(rollout, rewards)  # [B, T]
         advantages = self.strategy.advantages(rewards, rollout, unit_ids)  # [B, T]
@@ -303,7 +333,7 @@ class Trainer:
         learner_metrics = self.learner.update(batch)
         time_learn = time.perf_counter() - start
 
-        tokens = int(rollout.completion_mask.sum())
+        tokens = int(all_reduce(rollout.completion_mask.sum()))
         values = rewards.values[rewards.mask]
         metrics.update(
             learner_metrics,
@@ -321,6 +351,9 @@ class Trainer:
                 metrics[f"reward_unit_{unit + 1}"] = value
         self._watch("no reward spread in any group", metrics["zero_spread_frac"] == 1.0, metrics)
         self._watch("gradient norm 0", learner_metrics["grad_norm"] == 0.0, metrics)
+        if learner_metrics.get("skipped_optimizer_steps"):
+            metrics["skipped"] = (f"{learner_metrics['skipped_optimizer_steps']} optimizer step(s): non-finite loss "
+                                  "or gradient (NaN log-probs in the learner?)")
         metrics["_sample"] = texts_seen[0] if texts_seen else ""
         return metrics
 
@@ -335,7 +368,7 @@ class Trainer:
     def train(self, logger: RunLogger | None = None) -> dict[str, float]:
         """Run until `max_steps`; return the final evaluation."""
         config = self.config
-        logger = logger or RunLogger(self.run_dir, config.max_steps, self.step, description=self.stage_name)
+        logger = logger or RunLogger(self.run_dir, config.max_steps, self.step, self.stage_name, self.rank == 0)
         try:
             if self.step == 0:
                 write_eval(self.run_dir, self.initial_stage_name, self._evaluate_and_log(logger, "test"))
@@ -354,6 +387,9 @@ class Trainer:
                     self._validate(logger)
                 if config.save_every and self.step % config.save_every == 0 and self.step < config.max_steps:
                     self.save()
+                stop = int(all_reduce(torch.tensor(self.stop_requested), "max"))  # requested on any rank
+                if stop:
+                    raise TrainingInterrupted(self.save(), stop)
             if not self.selection["history"] or self.selection["history"][-1][0] != self.step:
                 self._validate(logger)
             self.save()
@@ -370,8 +406,9 @@ class Trainer:
             logger.close()
 
     def _evaluate_and_log(self, logger: RunLogger, split: str) -> dict[str, float]:
+        start = time.perf_counter()
         results = self.evaluate(split)
-        logger.log_step({"step": self.step, "eval": True, "split": split,
+        logger.log_step({"step": self.step, "eval": True, "split": split, "time_eval_s": time.perf_counter() - start,
                          **{f"eval/{k}": v for k, v in results.items()}})
         return results
 
@@ -395,7 +432,9 @@ def write_eval(run_dir: Path, stage: str, results: dict[str, float]) -> None:
 
 
 def atomic_write_json(path: Path, value) -> None:
-    """Write JSON to a temporary file and rename it over `path`, so a reader never sees half a file."""
+    """Write JSON to a temporary file and rename it over `path`, so a reader never sees half a file (rank 0 only)."""
+    if rank_and_size()[0] != 0:
+        return
     temporary = Path(path).with_suffix(".json.tmp")
     temporary.write_text(json.dumps(value, indent=2))
     temporary.replace(path)

@@ -4,7 +4,9 @@
 #   bash experiments/bench_cuda.sh [OUTPUT_DIR] [DATA_DIR]
 #
 # 1. the CUDA tests (tests/test_cuda.py) plus the decoder, sampler and learner tests;
-# 2. the three bench suites on Q05 (bf16), each writing OUTPUT_DIR/<suite>_cuda_Q05.json;
+# 2. the three bench suites on Q05 (bf16), each writing OUTPUT_DIR/<suite>_cuda_Q05.json, each
+#    part timed against its floor (its products at the measured matmul rate; a decode step also
+#    against the memory-bandwidth bound), 5 interleaved rounds for the spread;
 # 3. the headline experiment's --quick version on the GPU (needs DATA_DIR, the folder
 #    with ml-100k/ or reddit-v2/; skipped without it).
 # Runs from the repository root with the python3 that has torch with CUDA (set PYTHON
@@ -28,8 +30,8 @@ echo "== tests"
 for suite in ${SUITES:-rollout logprobs step}; do
     echo "== bench $suite Q05"
     profile=""
-    [ "$suite" = rollout ] && profile="--profile"
-    "$python" -m experiments.bench "$suite" --device cuda --config Q05 --repeats 3 $profile \
+    [ "$suite" != logprobs ] && profile="--profile"
+    "$python" -m experiments.bench "$suite" --device cuda --config Q05 --repeats 5 $profile \
         --json "$out/${suite}_cuda_Q05.json" || status=1
 done
 

@@ -80,6 +80,7 @@ class ExperimentConfig:
     def __post_init__(self) -> None:
         check_choice("kind", self.kind, KINDS)
         check_choice("device", self.device, DEVICES)
+        check(0 <= self.seed < 2**32, "seed", self.seed, "must be in [0, 2**32) (numpy's seed range)")
         check_choice("algorithm", self.algorithm, sorted(STRATEGIES))
 
 
@@ -135,7 +136,10 @@ def parse_value(key: str, text: str, annotation) -> object:
         elif annotation is int:
             return int(text)
         elif annotation is float:
-            return float(text)
+            value = float(text)
+            if not math.isfinite(value):
+                raise UsageError(f"--set {key}={text}: expected a finite number (no setting takes nan or inf)")
+            return value
         elif annotation is str:
             return text
     except ValueError:
@@ -154,9 +158,11 @@ def coerce(key: str, value, annotation) -> object:
         if value is None:
             return None
         (annotation,) = [option for option in options if option is not type(None)]
-    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
+    if annotation is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        if not math.isfinite(value):
+            raise UsageError(f"{key}={value!r}: expected a finite number (no setting takes nan or inf)")
         return float(value)
-    if annotation in (int, float, str, bool) and type(value) is annotation:
+    if annotation in (int, str, bool) and type(value) is annotation:
         return value
     raise UsageError(f"{key}={value!r}: expected a value of type {type_name(annotation)}")
 

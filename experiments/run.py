@@ -6,10 +6,21 @@
     python -m experiments.run rank_grpo_reddit --show-config
     python -m experiments.run grpo_sort --resume runs/grpo_sort-20261125-101500-12345
 
+    torchrun --nproc_per_node 4 -m experiments.run grpo_sort --set trainer.distributed=fsdp2
+
 Options: --out DIR, --data-dir DIR, --model PATH_OR_ID, --device cpu|cuda, --quick,
 --resume DIR, --set key=value (repeatable; keys in experiments/config.py), --show-config.
 Every setting is checked before any data is read or any model is built; bad input exits
 with code 2 and one line saying what is wrong.
+
+Nothing is lost. The run directory is locked (an exclusive `flock` on DIR/.lock) before
+any work, and so is an SFT cache entry while it is being written: a second run that wants
+either exits 2 at once, naming the holder (pid, host, start time). Default run
+directories are unique (created atomically). A local --model folder is checked (its
+tokenizer and the headers of its weights) before any work. Ctrl-C (SIGINT) or SIGTERM
+ends the RL loop after the current step with a checkpoint and exit code 130 (143); a
+second Ctrl-C exits at once. Under torchrun only rank 0 writes files and runs the SFT
+stage; the other ranks wait for it.
 
 The pipeline of an experiment of kind "rl": build the task (data) -> the policy (a
 checkpoint, or a tiny model and a tokenizer trained on the task's text) -> an SFT warm start
@@ -27,14 +38,18 @@ an item table).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import dataclasses
+import fcntl
 import hashlib
 import json
 import os
 import platform
 import random
 import shutil
+import signal
+import socket
 import sys
 import time
 from pathlib import Path
@@ -42,6 +57,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from engine import distributed
 from experiments.config import (
     RESUMABLE_CHANGES,
     ExperimentConfig,
@@ -110,7 +126,11 @@ def resolve_config(args: argparse.Namespace) -> tuple[ExperimentConfig, dict]:
         path = Path(args.resume) / "config.json"
         if not path.exists():
             raise UsageError(f"--resume {args.resume}: no config.json there; pass the run directory of an earlier run")
-        stored = stored_config(json.loads(path.read_text()))
+        try:
+            stored = stored_config(json.loads(path.read_text()))
+        except (ValueError, KeyError, TypeError) as error:  # a config.json that is not one recrl wrote
+            raise UsageError(f"--resume {args.resume}: config.json is damaged or not a recrl run's ({error!r}); "
+                             "start a new run") from None
         if stored.name != args.name:
             raise UsageError(f"--resume {args.resume} is a run of {stored.name!r}, not {args.name!r}")
         if any(a.partition("=")[0].strip() == "algorithm" for a in assignments):
@@ -128,7 +148,36 @@ def resolve_config(args: argparse.Namespace) -> tuple[ExperimentConfig, dict]:
     check_tree(config)
     if config.device == "cuda" and not torch.cuda.is_available():
         raise UsageError("device=cuda: no CUDA device is available here; use --device cpu")
+    check_model_folder(config.model.path)
     return config, changes
+
+
+def check_model_folder(path: str | None) -> None:
+    """A local model.path (--model) must hold a tokenizer RL can use and weights files whose headers read."""
+    from safetensors import SafetensorError, safe_open
+    from transformers import AutoTokenizer
+
+    from models.loader import ModelLoadError, check_tokenizer
+
+    if path is None or not os.path.isdir(path):
+        if path is not None and (os.path.exists(path) or path.startswith((".", "/", "~")) or path.count("/") != 1):
+            raise UsageError(f"model.path {path}: no such folder, and not a hub id (owner/name)")
+        return  # a hub id: checked when it is loaded
+    tokenizer_files = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+    if not any((Path(path) / name).exists() for name in tokenizer_files):
+        raise UsageError(f"model.path {path}: no tokenizer there ({', '.join(tokenizer_files)}); save the model's "
+                         "tokenizer into the folder with tokenizer.save_pretrained(...)")
+    for weights in sorted(Path(path).glob("*.safetensors")):
+        try:
+            with safe_open(str(weights), "pt"):
+                pass
+        except (SafetensorError, OSError) as error:
+            raise UsageError(f"model.path {path}: {weights.name} is not a readable safetensors file ({error}); "
+                             "save the model again with save_pretrained(...)") from None
+    try:
+        check_tokenizer(AutoTokenizer.from_pretrained(path), path)
+    except (ModelLoadError, OSError, ValueError) as error:
+        raise UsageError(f"model.path {path}: {error}") from None
 
 
 def describe_environment() -> dict:
@@ -142,18 +191,18 @@ def describe_environment() -> dict:
 
 
 def write_config(run_dir: Path, config: ExperimentConfig, extra: dict, changes: dict | None = None) -> None:
-    """config.json: the resolved tree, the environment, the command; a resume appends its changes."""
+    """config.json: the resolved tree, the environment, the command and `extra` (merged into what is there);
+    a resume appends its changes. Written before any work, completed as the stages learn more."""
+    from engine.trainer import atomic_write_json
+
     path = run_dir / "config.json"
-    if changes is not None and path.exists():
-        record = json.loads(path.read_text())
-        record["config"] = to_dict(config)
+    record = (json.loads(path.read_text()) if path.exists()
+              else {"environment": describe_environment(), "command": sys.argv})
+    record.update(extra, config=to_dict(config))
+    if changes is not None:
         record.setdefault("resumes", []).append({"time": time.strftime("%Y-%m-%d %H:%M:%S"), "command": sys.argv,
                                                  "changes": changes})
-    else:
-        record = {"config": to_dict(config), "environment": describe_environment(), "command": sys.argv, **extra}
-    temporary = path.with_suffix(".json.tmp")
-    temporary.write_text(json.dumps(record, indent=2, default=str))
-    temporary.replace(path)
+    atomic_write_json(path, json.loads(json.dumps(record, default=str)))
 
 
 # ---------------------------------------------------------------------------
@@ -215,14 +264,27 @@ def sft_cache_dir(config: ExperimentConfig, data_fingerprint: str) -> Path:
 
 def run_sft_stage(config: ExperimentConfig, task, corpus: list[str], data_fingerprint: str) -> Path:
     """Supervised warm start, cached per configuration: returns a save_pretrained folder to start RL from."""
-    from tqdm.auto import tqdm
-
-    from engine.sft import supervised_finetune
-
     folder = sft_cache_dir(config, data_fingerprint)
     if (folder / "config.json").exists():
         print(f"SFT: reusing cached checkpoint {folder}")
         return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with hold_lock(folder.with_name(f"{folder.name}.lock"), f"the SFT cache entry {folder}"):
+        if not (folder / "config.json").exists():  # unless a run that held the lock has just written it
+            for stale in folder.parent.glob(f"{folder.name}.tmp-*"):  # left by a run that was killed
+                shutil.rmtree(stale, ignore_errors=True)
+            start = time.perf_counter()
+            write_sft_checkpoint(config, task, corpus, folder)
+            (folder / "sft_time.json").write_text(json.dumps({"seconds": time.perf_counter() - start}))  # bench breakdown
+    return folder
+
+
+def write_sft_checkpoint(config: ExperimentConfig, task, corpus: list[str], folder: Path) -> None:
+    """Train the SFT warm start and write it to `folder` atomically (a temporary folder, then a rename)."""
+    from tqdm.auto import tqdm
+
+    from engine.sft import supervised_finetune
+
     seed_everything(config.seed)
     model, tokenizer = build_policy(config, task, corpus)
     if hasattr(task, "warm_start"):
@@ -245,18 +307,33 @@ def run_sft_stage(config: ExperimentConfig, task, corpus: list[str], data_finger
     model.save_pretrained(temporary)
     tokenizer.save_pretrained(temporary)
     (temporary / "sft_history.json").write_text(json.dumps(history))
-    shutil.rmtree(folder, ignore_errors=True)
     temporary.rename(folder)
-    return folder
 
 
-def run_rl(config: ExperimentConfig, run_dir: Path, task, corpus: list[str], resume: bool, changes: dict,
+@contextlib.contextmanager
+def hold_lock(path: Path, what: str):
+    """Hold an exclusive lock on the file `path` (the kernel drops it when the process ends, even on kill -9);
+    when another process holds it, a UsageError naming that process (pid, host, start time)."""
+    with open(path, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            raise UsageError(f"{what} is in use by {handle.read().strip() or 'another process'}; wait for that run "
+                             "to finish or stop it") from None
+        handle.truncate(0)
+        handle.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        handle.flush()
+        yield
+
+
+def run_rl(config: ExperimentConfig, run_dir: Path, task, corpus: list[str], resume: bool,
            initial_model: str | None, initial_stage_name: str, extra_record: dict) -> dict[str, float]:
     """RL on `task` from `initial_model` (or the configured model); returns the final evaluation."""
     from algorithms.registry import strategy_class
     from engine.learner import Learner
     from engine.trainer import Trainer
-    from fastdecode import fast_decoder
+    from fastdecode import fast_decoder, unsupported_reason
     from models.loader import enable_activation_checkpointing
 
     seed_everything(config.seed)
@@ -267,6 +344,14 @@ def run_rl(config: ExperimentConfig, run_dir: Path, task, corpus: list[str], res
     if config.model.gradient_checkpointing:
         enable_activation_checkpointing(model)
     strategy = strategy_class(config.algorithm)(config.strategy, tokenizer=tokenizer, task=task)
+    if distributed.rank_and_size()[1] > 1:
+        if list(strategy.parameters()):
+            raise ExperimentError(f"{config.algorithm} trains parameters of its own, which are not averaged over "
+                                  "processes yet: run it in one process")
+        if config.trainer.distributed == "fsdp2" and unsupported_reason(model):
+            raise ExperimentError(f"trainer.distributed=fsdp2 samples with the fast decoder, which cannot run this "
+                                  f"model ({unsupported_reason(model)}): use trainer.distributed=ddp")
+        model = distributed.wrap(model, config.trainer.distributed)
     learner_config = dataclasses.replace(config.learner, loss_max_length=config.learner.loss_max_length
                                          or config.sampling.max_new_tokens)  # Dr. GRPO's constant L_max
     steps = config.trainer.max_steps * config.learner.ppo_epochs * config.learner.mini_batches
@@ -274,13 +359,36 @@ def run_rl(config: ExperimentConfig, run_dir: Path, task, corpus: list[str], res
     trainer = Trainer(model, tokenizer, task, strategy, learner, config.trainer, config.sampling, run_dir,
                       seed=config.seed, stage_name=config.algorithm, initial_stage_name=initial_stage_name,
                       make_decoder=fast_decoder)
+    write_config(run_dir, config, {"initial_model": initial_model or config.model.path or "tiny (random init)",
+                                   **extra_record})
     if resume:
         print(f"resuming {config.name} from step {trainer.resume(run_dir)}")
-        write_config(run_dir, config, extra_record, changes)
-    else:
-        write_config(run_dir, config, {"initial_model": initial_model or config.model.path or "tiny (random init)",
-                                       **extra_record})
-    return trainer.train()
+    with stop_after_the_step_on_signals(trainer):
+        return trainer.train()
+
+
+@contextlib.contextmanager
+def stop_after_the_step_on_signals(trainer):
+    """Ctrl-C (SIGINT) or SIGTERM: the trainer finishes its step, writes a checkpoint and raises
+    TrainingInterrupted. A second signal (more than a second later: torchrun passes the first one on to its
+    workers) exits at once."""
+    first = []
+
+    def request_stop(number, frame):
+        if first and time.monotonic() - first[0] > 1.0:
+            raise KeyboardInterrupt
+        if not first:
+            first.append(time.monotonic())
+            trainer.stop_requested = number
+            print(f"\n{signal.Signals(number).name}: stopping after step {trainer.step + 1} with a checkpoint "
+                  "(press Ctrl-C again to exit at once)", file=sys.stderr)
+
+    previous = {number: signal.signal(number, request_stop) for number in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
 
 
 def run_sft_only(config: ExperimentConfig, run_dir: Path, task, corpus: list[str], data_source: str,
@@ -302,8 +410,7 @@ def run_sft_only(config: ExperimentConfig, run_dir: Path, task, corpus: list[str
     return results
 
 
-def run_experiment(config: ExperimentConfig, run_dir: Path, data_dir: str | None, resume: bool,
-                   changes: dict | None = None) -> None:
+def run_experiment(config: ExperimentConfig, run_dir: Path, data_dir: str | None, resume: bool) -> None:
     if config.kind == "baselines":
         from experiments.baselines import run_baselines
         from experiments.data import DataError
@@ -319,8 +426,12 @@ def run_experiment(config: ExperimentConfig, run_dir: Path, data_dir: str | None
         final = run_sft_only(config, run_dir, task, corpus, data_source, fingerprint)
         print("sft eval: " + ", ".join(f"{k}={v:.4f}" for k, v in final.items()))
         return
-    initial_model = str(run_sft_stage(config, task, corpus, fingerprint)) if config.sft.steps > 0 else None
-    final = run_rl(config, run_dir, task, corpus, resume, changes or {}, initial_model,
+    initial_model = None
+    if config.sft.steps > 0:  # rank 0 trains or finds the warm start; the other ranks wait for its path
+        rank_zero = distributed.rank_and_size()[0] == 0
+        initial_model = distributed.broadcast(str(run_sft_stage(config, task, corpus, fingerprint)) if rank_zero
+                                              else None)
+    final = run_rl(config, run_dir, task, corpus, resume, initial_model,
                    "sft" if initial_model else "initial", {"data_source": data_source})
     print("final eval: " + ", ".join(f"{k}={v:.4f}" for k, v in final.items()))
 
@@ -352,7 +463,56 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@contextlib.contextmanager
+def claimed_run_directory(args: argparse.Namespace, config: ExperimentConfig):
+    """The run directory, created if new and locked before any work; the lock is held until the run ends.
+    Rank 0 claims it; the other ranks of a torchrun get its path, or rank 0's refusal."""
+    with contextlib.ExitStack() as stack:
+        claimed = None
+        if distributed.rank_and_size()[0] == 0:
+            try:
+                claimed = stack.enter_context(claim_run_directory(args, config))
+            except UsageError as error:
+                claimed = error
+        claimed = distributed.broadcast(claimed)
+        if isinstance(claimed, UsageError):
+            raise claimed
+        yield Path(claimed)
+
+
+@contextlib.contextmanager
+def claim_run_directory(args: argparse.Namespace, config: ExperimentConfig):
+    run_dir = Path(args.resume or args.out or f"runs/{config.name}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
+    if not (args.resume or args.out):  # unique even when runs start in the same second: mkdir is atomic
+        default = run_dir
+        for attempt in range(2, 1000):
+            try:
+                run_dir.mkdir(parents=True)
+                break
+            except FileExistsError:
+                run_dir = default.with_name(f"{default.name}-{attempt}")
+
+    def refuse_unless_empty():
+        if not args.resume and any(path.name != ".lock" and path.suffix != ".tmp" for path in run_dir.iterdir()):
+            raise UsageError(f"--out {run_dir} is not empty; choose a new directory or --resume it")
+
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise UsageError(f"--out {run_dir}: cannot create it ({error.strerror}); choose another directory") from None
+    if not os.access(run_dir, os.W_OK):
+        raise UsageError(f"--out {run_dir} is not writable; choose a writable directory")
+    refuse_unless_empty()
+    with hold_lock(run_dir / ".lock", f"the run directory {run_dir}"):
+        refuse_unless_empty()  # a run that started at the same moment may have filled it
+        yield run_dir
+
+
 def main(argv: list[str] | None = None) -> int:
+    from engine.checkpoint import CheckpointError
+    from engine.trainer import TrainingInterrupted
+
+    run_dir = None
     try:
         args = build_parser().parse_args(argv)
         if args.list:
@@ -371,21 +531,29 @@ def main(argv: list[str] | None = None) -> int:
             print(describe(config, default_tree(config.name, config.kind, config.task_type, config.algorithm,
                                                 TASKS[config.task_type].config)))
             return 0
-        if args.resume:
-            run_dir = Path(args.resume)
-        else:
-            run_dir = Path(args.out or f"runs/{config.name}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
-            if run_dir.exists() and any(run_dir.iterdir()):
-                raise UsageError(f"--out {run_dir} is not empty; choose a new directory or --resume it")
-    except UsageError as error:
+        distributed.start(config.device)
+        rank, processes = distributed.rank_and_size()
+        if rank > 0:
+            sys.stdout = open(os.devnull, "w")  # rank 0 speaks for the run (errors still reach stderr)
+        if processes > 1 and (config.kind != "rl" or config.trainer.prompts_per_step % processes):
+            raise UsageError(f"{processes} processes: only RL experiments run under torchrun, and "
+                             f"trainer.prompts_per_step ({config.trainer.prompts_per_step}) must be a multiple of "
+                             "the number of processes")
+        with claimed_run_directory(args, config) as run_dir:
+            write_config(run_dir, config, {}, changes if args.resume else None)
+            run_experiment(config, run_dir, data_dir=args.data_dir, resume=bool(args.resume))
+    except (UsageError, ExperimentError, CheckpointError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    run_dir.mkdir(parents=True, exist_ok=True)
-    try:
-        run_experiment(config, run_dir, data_dir=args.data_dir, resume=bool(args.resume), changes=changes)
-    except ExperimentError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    except TrainingInterrupted as stop:
+        checkpoint, number = stop.args
+        print(f"stopped by {signal.Signals(number).name}: checkpoint {checkpoint} written; continue with "
+              f"--resume {run_dir}", file=sys.stderr)
+        return 128 + number
+    except KeyboardInterrupt:
+        print(f"interrupted{'' if run_dir is None else f'; continue from the last checkpoint with --resume {run_dir}'}",
+              file=sys.stderr)
+        return 130
     print(f"run directory: {run_dir}")
     return 0
 

@@ -13,7 +13,7 @@ from engine.trainer import Trainer, TrainerConfig
 from experiments import run
 from tests.conftest import make_model
 
-TIMING_KEYS = ("time_rollout_s", "time_reward_s", "time_learn_s", "tokens_per_s")
+TIMING_KEYS = ("time_rollout_s", "time_reward_s", "time_learn_s", "tokens_per_s", "time_eval_s")
 TINY = ["--set", "hidden_size=32", "--set", "intermediate_size=64", "--set", "num_layers=1",
         "--set", "prompts_per_step=2", "--set", "group_size=4", "--set", "task.train_size=64",
         "--set", "task.eval_size=8", "--set", "sft.steps=0", "--set", "max_new_tokens=8"]
@@ -100,8 +100,11 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, monkeypatch):
         (["grpo_sort", "--set", "max_steps=0"], "trainer.max_steps=0: must be >= 1"),
         (["grpo_sort", "--set", "prompts_per_step=0"], "trainer.prompts_per_step=0: must be >= 1"),
         (["grpo_sort", "--set", "learner.lr=0"], "learner.lr=0: must be a finite number > 0"),
-        (["grpo_sort", "--set", "learner.lr=nan"], "learner.lr=nan: must be a finite number > 0"),
-        (["grpo_sort", "--set", "learner.lr=inf"], "learner.lr=inf: must be a finite number > 0"),
+        (["grpo_sort", "--set", "learner.lr=nan"], "learner.lr=nan: expected a finite number"),
+        (["grpo_sort", "--set", "learner.lr=inf"], "learner.lr=inf: expected a finite number"),
+        (["grpo_sort", "--set", "temperature=inf"], "sampling.temperature=inf: expected a finite number"),
+        (["grpo_sort", "--set", "kl_coef=-inf"], "learner.kl_coef=-inf: expected a finite number"),
+        (["grpo_sort", "--set", "seed=-1"], "seed=-1: must be in [0, 2**32)"),
         (["grpo_sort", "--set", "kl_loss_type=k9"], "learner.kl_loss_type=k9: choose one of k1, k2, k3"),
         (["grpo_sort", "--set", "loss_agg_mode=sum"], "learner.loss_agg_mode=sum: choose one of token_mean"),
         (["grpo_sort", "--set", "lr_schedule=step"], "learner.lr_schedule=step: choose one of constant"),
@@ -158,7 +161,7 @@ def test_sft_cache_key_covers_the_sft_config_and_the_data(tmp_path, monkeypatch)
     same = run.sft_cache_dir(config, "data-a")
     assert same == run.sft_cache_dir(run.new_config("rank_grpo_reddit", False, ["learner.lr=1e-3"]), "data-a")
     assert same != run.sft_cache_dir(config, "data-b")  # other data files
-    for change in ("sft.lr=1e-4", "sft.batch_size=8", "hidden_size=128", "task.train_cut_points=none", "seed=1"):
+    for change in ("sft.lr=1e-4", "sft.batch_size=8", "hidden_size=96", "task.train_cut_points=7", "seed=1"):
         assert same != run.sft_cache_dir(run.new_config("rank_grpo_reddit", False, [change]), "data-a"), change
 
 
