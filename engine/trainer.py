@@ -208,9 +208,7 @@ class Trainer:
         self.step = state["step"]
         self.prompts.load_state_dict(state["prompts"])
         self.stalled, self.selection = state["stalled"], state["selection"]
-        self.strategy.load_state_dict(components["strategy"])
-        if hasattr(self.task, "load_state_dict"):
-            self.task.load_state_dict(components["task"])
+        self._restore_components(components)
         return self.step
 
     def save(self, name: str | None = None) -> Path:
@@ -224,7 +222,9 @@ class Trainer:
 
     def _load_weights(self, checkpoint: Path) -> None:
         """The model, strategy and task state of a checkpoint (not the optimizer or RNG states)."""
-        _, components = load_checkpoint(checkpoint, self.model, None, None, None)
+        self._restore_components(load_checkpoint(checkpoint, self.model, None, None, None)[1])
+
+    def _restore_components(self, components: dict) -> None:
         self.strategy.load_state_dict(components["strategy"])
         if hasattr(self.task, "load_state_dict"):
             self.task.load_state_dict(components["task"])
