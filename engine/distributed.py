@@ -57,6 +57,17 @@ def all_reduce(value: Tensor, op: str = "sum") -> Tensor:
     return (reduced / dist.get_world_size() if op == "mean" else reduced).to(value.device)
 
 
+def average_gradients(parameters: list[Tensor]) -> None:
+    """Average, in place, the gradients of parameters that DDP does not own (a strategy's head) over
+    the ranks, as DDP averages the model's; a parameter without a gradient here counts as zeros."""
+    if not dist.is_initialized():
+        return
+    for parameter in parameters:
+        if parameter.grad is None:
+            parameter.grad = torch.zeros_like(parameter)
+        parameter.grad.copy_(all_reduce(parameter.grad, "mean"))
+
+
 def step_counts(mask: Tensor) -> tuple[float, float]:
     """(tokens, rows) of `mask` [b, T] summed over the ranks and divided by their number."""
     tokens, rows = all_reduce(torch.tensor([float(mask.sum()), float(mask.shape[0])]), "mean").tolist()

@@ -37,7 +37,7 @@ import torch
 from torch import Tensor
 
 from engine.config import check, check_choice, is_finite_number
-from engine.distributed import all_reduce, is_sharded, step_counts
+from engine.distributed import all_reduce, average_gradients, is_sharded, step_counts
 from engine.logprobs import TokenScores, completion_logprobs
 from engine.loss import LossConfig, policy_loss
 from engine.rollout import Rollout
@@ -165,7 +165,11 @@ class Learner:
             reference_model.eval().requires_grad_(False)
             if config.reference_offload:
                 reference_model.to("cpu")
-        self.parameters = [p for p in model.parameters() if p.requires_grad] + list(strategy.parameters())
+        self.strategy_parameters = list(strategy.parameters())
+        if self.strategy_parameters and is_sharded(model):
+            raise ValueError("a strategy with its own parameters (a head) trains under trainer.distributed=ddp or in "
+                             "one process, not under fsdp2; use --set trainer.distributed=ddp")
+        self.parameters = [p for p in model.parameters() if p.requires_grad] + self.strategy_parameters
         self.optimizer = torch.optim.AdamW(
             self.parameters, lr=config.lr, betas=(config.adam_beta1, config.adam_beta2),
             weight_decay=config.weight_decay,
@@ -265,6 +269,7 @@ class Learner:
                     if scores.entropy is not None:
                         sums["entropy"] += (scores.entropy * row_mask).sum()
                         sums["entropy_tokens"] += row_mask.sum()
+                average_gradients(self.strategy_parameters)  # the model's: averaged by DDP / FSDP2
                 grad_norm = torch.nn.utils.clip_grad_norm_(self.parameters, config.max_grad_norm)
                 step_loss = all_reduce(step_loss, "mean")  # the whole step's loss; every rank skips alike
                 if bool(torch.isfinite(step_loss)) and bool(torch.isfinite(grad_norm)):

@@ -410,6 +410,15 @@ def run_sft_only(config: ExperimentConfig, run_dir: Path, task, corpus: list[str
     return results
 
 
+def recorded_initial_model(run_dir: Path) -> str | None:
+    """The warm-start folder a run being resumed started from, when it still exists: the resumed run continues
+    from the same reference model even if the warm-start cache key has changed since (None: train or find it)."""
+    recorded = json.loads((run_dir / "config.json").read_text()).get("initial_model")
+    if recorded and (Path(recorded) / "config.json").is_file():
+        return recorded
+    return None
+
+
 def run_experiment(config: ExperimentConfig, run_dir: Path, data_dir: str | None, resume: bool) -> None:
     if config.kind == "baselines":
         from experiments.baselines import run_baselines
@@ -426,8 +435,8 @@ def run_experiment(config: ExperimentConfig, run_dir: Path, data_dir: str | None
         final = run_sft_only(config, run_dir, task, corpus, data_source, fingerprint)
         print("sft eval: " + ", ".join(f"{k}={v:.4f}" for k, v in final.items()))
         return
-    initial_model = None
-    if config.sft.steps > 0:  # rank 0 trains or finds the warm start; the other ranks wait for its path
+    initial_model = recorded_initial_model(run_dir) if resume else None
+    if config.sft.steps > 0 and initial_model is None:  # rank 0 trains or finds the warm start; others wait
         rank_zero = distributed.rank_and_size()[0] == 0
         initial_model = distributed.broadcast(str(run_sft_stage(config, task, corpus, fingerprint)) if rank_zero
                                               else None)

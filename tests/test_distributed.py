@@ -32,6 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 AGGREGATIONS = ("token_mean", "seq_mean_token_mean")
 MODES = ("ddp", "fsdp2")
 GROUP_SIZE = 3
+HEAD_CASE = ("ddp", "seq_mean_token_mean")  # a strategy with its own head: replaces this pair's GRPO
 
 
 def _batch(tokenizer, model) -> PolicyBatch:
@@ -44,9 +45,26 @@ def _batch(tokenizer, model) -> PolicyBatch:
     return PolicyBatch(rollout, rewards, unit_ids, GRPO().advantages(rewards, rollout, unit_ids))
 
 
-def _update(model, batch, aggregation) -> dict:
+class GRPOWithHead(GRPO):
+    """GRPO plus a linear head of its own on each row's last completion hidden state, trained to
+    predict the row's reward: its gradients are averaged over the ranks by the learner, not by DDP."""
+
+    def __init__(self):
+        super().__init__()
+        self.module = torch.nn.Linear(64, 1)
+        torch.nn.init.constant_(self.module.weight, 0.01)  # the same head on every rank and in every run
+        torch.nn.init.constant_(self.module.bias, 0.0)
+
+    def hidden_positions(self, batch):
+        return batch.rollout.completion_mask.sum(dim=1) - 1  # [B]
+
+    def extra_loss(self, model, batch, rows, hidden):
+        return ((self.module(hidden).squeeze(1) - batch.rewards.values[rows, 0]) ** 2).sum()
+
+
+def _update(model, batch, aggregation, strategy=None) -> dict:
     config = LearnerConfig(lr=1e-4, micro_batch_size=2, loss_agg_mode=aggregation, max_grad_norm=100.0)
-    return Learner(model, config, GRPO()).update(batch)
+    return Learner(model, config, strategy or GRPO()).update(batch)
 
 
 def _whole_weights(model) -> dict:
@@ -59,18 +77,20 @@ def _worker(rank: int, size: int, rendezvous: str, result_path: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=size)
     tokenizer = train_tokenizer(CORPUS, vocab_size=300)
     results = {}
-    for mode in MODES:
-        for aggregation in AGGREGATIONS:
-            model = make_model(tokenizer, seed=5)
-            batch = _batch(tokenizer, model)  # the same batch on every rank (a seeded generator)
-            groups = distributed.shard(list(range(batch.rollout.num_rows // GROUP_SIZE)))  # whole groups
-            rows = torch.tensor([group * GROUP_SIZE + g for group in groups for g in range(GROUP_SIZE)])
-            share = PolicyBatch(batch.rollout.select_rows(rows), batch.rewards.select_rows(rows),
-                                batch.unit_ids[rows], batch.advantages[rows])
-            wrapped = distributed.wrap(model, mode)
-            metrics = _update(wrapped, share, aggregation)
-            results[mode, aggregation] = {"weights": _whole_weights(wrapped), "metrics": metrics,
-                                          "rows": rows.numel()}
+    for mode, aggregation in [(mode, aggregation) for mode in MODES for aggregation in AGGREGATIONS] + [HEAD_CASE]:
+        model = make_model(tokenizer, seed=5)
+        batch = _batch(tokenizer, model)  # the same batch on every rank (a seeded generator)
+        groups = distributed.shard(list(range(batch.rollout.num_rows // GROUP_SIZE)))  # whole groups
+        rows = torch.tensor([group * GROUP_SIZE + g for group in groups for g in range(GROUP_SIZE)])
+        share = PolicyBatch(batch.rollout.select_rows(rows), batch.rewards.select_rows(rows),
+                            batch.unit_ids[rows], batch.advantages[rows])
+        wrapped = distributed.wrap(model, mode)
+        strategy = GRPOWithHead() if (mode, aggregation) == HEAD_CASE else None
+        metrics = _update(wrapped, share, aggregation, strategy)
+        weights = _whole_weights(wrapped)
+        if strategy is not None:
+            weights.update({f"head.{name}": value.detach().clone() for name, value in strategy.module.named_parameters()})
+        results[mode, aggregation] = {"weights": weights, "metrics": metrics, "rows": rows.numel()}
     if rank == 0:
         torch.save(results, result_path)
     dist.barrier()  # no rank leaves while another still talks to it
@@ -87,8 +107,12 @@ def updates(tmp_path_factory):
     results = {}
     for key, result in two.items():
         model = make_model(tokenizer, seed=5)
-        metrics = _update(model, _batch(tokenizer, model), key[1])
-        results[key] = ({"weights": dict(model.named_parameters()), "metrics": metrics}, result)
+        strategy = GRPOWithHead() if key == HEAD_CASE else None
+        metrics = _update(model, _batch(tokenizer, model), key[1], strategy)
+        weights = dict(model.named_parameters())
+        if strategy is not None:
+            weights.update({f"head.{name}": value for name, value in strategy.module.named_parameters()})
+        results[key] = ({"weights": weights, "metrics": metrics}, result)
     return results
 
 
@@ -100,8 +124,16 @@ def test_two_processes_update_the_weights_as_one_process_does(updates, mode, agg
     assert two["rows"] == 6  # each rank trained on 2 of the 4 groups
     initial = make_model(train_tokenizer(CORPUS, vocab_size=300), seed=5)
     moved = 0.0
+    differing, total = 0, 0
     for name, parameter in initial.named_parameters():
-        torch.testing.assert_close(two["weights"][name], one["weights"][name].detach(), atol=1e-6, rtol=0)
+        if (mode, aggregation) == HEAD_CASE:
+            # the head's loss reaches every weight, some with gradients at rounding level, whose sign the order
+            # of summation decides; Adam's first step is then +-lr (1e-4) there: count them, bound them
+            difference = (two["weights"][name] - one["weights"][name].detach()).abs()
+            assert float(difference.max()) < 2.01e-4, name
+            differing, total = differing + int((difference > 1e-5).sum()), total + difference.numel()
+        else:
+            torch.testing.assert_close(two["weights"][name], one["weights"][name].detach(), atol=1e-6, rtol=0)
         moved = max(moved, float((one["weights"][name].detach() - parameter.detach()).abs().max()))
     assert moved > 5e-5  # the update moved the weights (Adam's first step: about lr = 1e-4)
     # Adam's step barely depends on the gradient's scale; the norm and the loss do: a normaliser off by the
@@ -109,6 +141,21 @@ def test_two_processes_update_the_weights_as_one_process_does(updates, mode, agg
     assert two["metrics"]["grad_norm"] == pytest.approx(one["metrics"]["grad_norm"], rel=1e-5)
     assert one["metrics"]["grad_norm"] > 0.1
     assert two["metrics"]["loss"] == pytest.approx(one["metrics"]["loss"], abs=1e-6)
+    if (mode, aggregation) == HEAD_CASE:  # the head's own parameters moved, and alike in both runs
+        assert differing < 0.005 * total
+        for name in ("head.weight", "head.bias"):
+            torch.testing.assert_close(two["weights"][name], one["weights"][name].detach(), atol=1e-6, rtol=0)
+        assert float((one["weights"]["head.weight"].detach() - 0.01).abs().max()) > 5e-5
+
+
+def test_a_strategy_head_under_fsdp2_is_refused_with_the_fix():
+    class Sharded(torch.nn.Linear):
+        pass
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("engine.learner.is_sharded", lambda model: True)
+        with pytest.raises(ValueError, match="trainer.distributed=ddp"):
+            Learner(Sharded(2, 2), LearnerConfig(), GRPOWithHead())
 
 
 def test_shards_are_whole_contiguous_and_cover_everything():

@@ -520,3 +520,18 @@ def test_fault_suite_sigkill_at_random_moments_then_resume_ends_as_the_uninterru
           f"lines dropped, {damaged} damaged checkpoints set aside; uninterrupted run {duration:.0f} s, "
           f"whole suite {time.monotonic() - started:.0f} s")
     assert killed >= 10
+
+
+def test_a_resumed_run_starts_from_the_warm_start_it_recorded(tmp_path, monkeypatch, capsys):
+    """Even when the SFT cache it came from is gone (another RECRL_CACHE_DIR, a changed cache key)."""
+    out = tmp_path / "run"
+    arguments = ["grpo_sort", *TINY, "--set", "sft.steps=2", "--set", "save_every=1"]
+    assert run.main([*arguments, "--set", "max_steps=1", "--out", str(out)]) == 0
+    recorded = json.loads((out / "config.json").read_text())["initial_model"]
+    assert "SFT: 2 steps" in capsys.readouterr().out and Path(recorded).is_dir()
+    monkeypatch.setenv("RECRL_CACHE_DIR", str(tmp_path / "empty_cache"))
+    assert run.main(["grpo_sort", "--resume", str(out), "--set", "max_steps=2"]) == 0
+    printed = capsys.readouterr().out
+    assert "SFT:" not in printed and "resuming grpo_sort from step 1" in printed
+    assert json.loads((out / "config.json").read_text())["initial_model"] == recorded
+    assert not (tmp_path / "empty_cache").exists() or not any((tmp_path / "empty_cache").rglob("config.json"))
