@@ -272,7 +272,7 @@ class Trainer:
         time_rollout = time_reward = 0.0
         kept_rollouts, kept_rewards, texts_seen = [], [], []
         groups_sampled = groups_kept = local_groups = 0  # groups over all ranks; local_groups: this rank's
-        raw_reward_sum = raw_reward_count = 0.0
+        raw_values = []  # [B] per completion: the sum of its units' rewards as the task gave them (before shaping)
         non_finite, filtered, size = None, False, rank_and_size()[1]
         spread = []
         for _ in range(config.max_generation_rounds):
@@ -286,8 +286,7 @@ class Trainer:
             if bool(broken.any()):  # on any rank
                 non_finite = "reward (NaN or inf) returned by the task" if broken[0] else "sampled log-prob (NaN logit)"
                 break
-            raw_reward_sum += float(rewards.values[rewards.mask].sum())
-            raw_reward_count += rewards.num_rows
+            raw_values.append(rewards.values.masked_fill(~rewards.mask, 0.0).sum(dim=1))
             texts_seen.extend(texts)
             rewards = self.strategy.shape_rewards(rewards, rollout)
             spread.append(group_reward_spread(rewards.values, rewards.mask, rollout.group_ids))
@@ -311,8 +310,10 @@ class Trainer:
             # Never train on a broken reward or policy: the step is skipped and the weights stay untouched.
             metrics.update(skipped=f"non-finite {non_finite}", reward_mean=None, **timings)
             return metrics
-        reward_sum, reward_count = all_reduce(torch.tensor([raw_reward_sum, raw_reward_count])).tolist()
-        metrics["reward_mean"] = reward_sum / max(reward_count, 1.0)
+        raw = torch.cat(raw_values)  # [n] every completion sampled on this rank, kept or not
+        reward_sum, reward_count = all_reduce(torch.tensor([float(raw.sum()), float(raw.numel())])).tolist()
+        metrics["reward_mean"] = reward_sum / max(reward_count, 1.0)  # reward_std: of the same rewards, rank 0's
+        metrics["reward_std"] = float(raw.std()) if raw.numel() > 1 else 0.0
         metrics["zero_spread_frac"] = 1.0 - float(torch.cat(spread).float().mean())
         if filtered:
             metrics["frac_groups_dropped"] = 1.0 - groups_kept / max(groups_sampled, 1)
@@ -334,10 +335,8 @@ class Trainer:
         time_learn = time.perf_counter() - start
 
         tokens = int(all_reduce(rollout.completion_mask.sum()))
-        values = rewards.values[rewards.mask]
         metrics.update(
             learner_metrics,
-            reward_std=float(values.std()) if values.numel() > 1 else 0.0,
             tokens=tokens,
             completion_length_mean=float(rollout.completion_lengths.float().mean()),
             truncated_frac=float((~rollout.ended_with_eos).float().mean()),

@@ -41,7 +41,6 @@ import argparse
 import contextlib
 import copy
 import dataclasses
-import fcntl
 import hashlib
 import json
 import os
@@ -49,7 +48,6 @@ import platform
 import random
 import shutil
 import signal
-import socket
 import sys
 import time
 from pathlib import Path
@@ -71,6 +69,7 @@ from experiments.config import (
     to_dict,
 )
 from experiments.registry import EXPERIMENTS, TASKS, experiment_names
+from experiments.warm_start import hold_lock, sft_progress
 
 
 class ExperimentError(Exception):
@@ -281,8 +280,6 @@ def run_sft_stage(config: ExperimentConfig, task, corpus: list[str], data_finger
 
 def write_sft_checkpoint(config: ExperimentConfig, task, corpus: list[str], folder: Path) -> None:
     """Train the SFT warm start and write it to `folder` atomically (a temporary folder, then a rename)."""
-    from tqdm.auto import tqdm
-
     from engine.sft import supervised_finetune
 
     seed_everything(config.seed)
@@ -292,39 +289,16 @@ def write_sft_checkpoint(config: ExperimentConfig, task, corpus: list[str], fold
     else:
         chats, completions = task.demonstrations()
         print(f"SFT: {config.sft.steps} steps on {len(chats)} demonstrations")
-        progress = tqdm(total=config.sft.steps, desc="sft", dynamic_ncols=True)
-
-        def on_step(metrics):
-            progress.update(1)
-            progress.set_postfix(loss=f"{metrics['sft_loss']:.3f}")
-
         history = supervised_finetune(model, tokenizer, chats, completions, config.sft, seed=config.seed,
                                       max_prompt_length=config.trainer.max_prompt_length,
-                                      max_completion_length=config.sampling.max_new_tokens, on_step=on_step)
-        progress.close()
+                                      max_completion_length=config.sampling.max_new_tokens,
+                                      on_step=sft_progress(config.sft.steps, "sft"))
     temporary = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
     shutil.rmtree(temporary, ignore_errors=True)
     model.save_pretrained(temporary)
     tokenizer.save_pretrained(temporary)
     (temporary / "sft_history.json").write_text(json.dumps(history))
     temporary.rename(folder)
-
-
-@contextlib.contextmanager
-def hold_lock(path: Path, what: str):
-    """Hold an exclusive lock on the file `path` (the kernel drops it when the process ends, even on kill -9);
-    when another process holds it, a UsageError naming that process (pid, host, start time)."""
-    with open(path, "a+") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            raise UsageError(f"{what} is in use by {handle.read().strip() or 'another process'}; wait for that run "
-                             "to finish or stop it") from None
-        handle.truncate(0)
-        handle.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
-        handle.flush()
-        yield
 
 
 def run_rl(config: ExperimentConfig, run_dir: Path, task, corpus: list[str], resume: bool,

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -116,7 +116,7 @@ def encode_items(
     tokenizer,
     prompts: list[list[dict]],
     batch_size: int = 32,
-    prefill_answer: str = DEFAULT_PREFILL_ANSWER,
+    prefill_answer: str | Sequence[str] = DEFAULT_PREFILL_ANSWER,
     with_grad: bool = False,
 ) -> Tensor:
     """Item embeddings h_v, [N, H]: the last-layer hidden state at the last token of each item prompt.
@@ -124,8 +124,10 @@ def encode_items(
     prompts: N chat conversations (role/content dicts) ending with the user turn.
     Each gets an assistant turn prefilled with `prefill_answer` (the chat template's
     continue-final-message form: no end-of-turn token after it); nothing is
-    generated. Batches of `batch_size` prompts are left-padded, so the last column
-    is every prompt's last token; position ids are cumsum(mask) - 1. The model is
+    generated. `prefill_answer` is one text for every prompt or one per prompt (a
+    user's written reasoning followed by "<answer>" gives that user's h_T). Batches
+    of `batch_size` prompts are left-padded, so the last column is every prompt's
+    last token; position ids are cumsum(mask) - 1. The model is
     reached only through its own forward (so DDP / FSDP / adapter wrappers work);
     `hidden_states[-1]` is the final-norm output (the decoder's last_hidden_state).
     `with_grad=False` runs under torch.no_grad (the full-table refresh); True keeps
@@ -138,12 +140,16 @@ def encode_items(
         raise ValueError("no item prompts to encode; pass one chat (list of messages) per catalogue item")
     if tokenizer.pad_token_id is None:
         raise ValueError("the tokenizer has no pad token; set tokenizer.pad_token (EOS is fine) before encoding")
+    prefills = [prefill_answer] * len(prompts) if isinstance(prefill_answer, str) else list(prefill_answer)
+    if len(prefills) != len(prompts):
+        raise ValueError(f"{len(prompts)} prompts but {len(prefills)} prefilled answers; "
+                         "pass one text, or one per prompt")
     texts = []
-    for index, messages in enumerate(prompts):
+    for index, (messages, prefill) in enumerate(zip(prompts, prefills)):
         if not messages or messages[-1].get("role") == "assistant":
             raise ValueError(f"item prompt {index} must be a non-empty chat ending with a user turn; the assistant "
-                             f"turn is added and prefilled with {prefill_answer!r}")
-        prefilled = list(messages) + [{"role": "assistant", "content": prefill_answer}]
+                             f"turn is added and prefilled with {prefill!r}")
+        prefilled = list(messages) + [{"role": "assistant", "content": prefill}]
         texts.append(tokenizer.apply_chat_template(prefilled, tokenize=False, continue_final_message=True))
     device = _model_device(model)
     chunks = []

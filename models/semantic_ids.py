@@ -409,24 +409,32 @@ def build_semantic_ids(
 
 def add_sid_tokens(tokenizer, model, semantic_ids: SemanticIds, seed: int = 0, noise_scale: float = 0.1) -> list[int]:
     """Add every SID token to `tokenizer` and grow `model`'s embeddings; returns the token ids [L*C] in
-    ``semantic_ids.vocabulary()`` order.
+    ``semantic_ids.vocabulary()`` order (``add_vocabulary_tokens``)."""
+    return add_vocabulary_tokens(tokenizer, model, semantic_ids.vocabulary(), seed, noise_scale)
+
+
+def add_vocabulary_tokens(tokenizer, model, tokens: list[str], seed: int = 0,
+                          noise_scale: float | None = 0.1) -> list[int]:
+    """Add `tokens` to `tokenizer` (those it lacks) and grow `model`'s embeddings; returns their ids in order.
 
     Tokens are added as non-special ``AddedToken``s (matched whole, before BPE; kept by
     ``decode(..., skip_special_tokens=True)``).  Rows of newly added tokens in the input
     embedding (and in an untied output head) start at the mean of the existing rows plus
     Gaussian noise of ``noise_scale`` times the per-dimension standard deviation, from a
-    generator seeded with `seed`.  The embedding matrix is grown only when the tokenizer
+    generator seeded with `seed`; with ``noise_scale=None`` they keep the model's own
+    initialisation of new rows (``resize_token_embeddings(mean_resizing=False)``, drawn from
+    the global torch generator).  The embedding matrix is grown only when the tokenizer
     outgrows it (checkpoints often carry spare rows).  Both then round-trip through
-    ``save_pretrained`` / ``from_pretrained``.
+    ``save_pretrained`` / ``from_pretrained``.  Idempotent: tokens already present keep
+    their ids and rows.
     """
     from transformers import AddedToken
 
-    if noise_scale < 0:
+    if noise_scale is not None and noise_scale < 0:
         raise ValueError(f"noise_scale={noise_scale}; use 0 (every new row = the mean row) or a positive scale")
-    tokens = semantic_ids.vocabulary()
     existing = tokenizer.get_vocab()
     previous_length = len(tokenizer)
-    new_tokens = [token for token in tokens if token not in existing]
+    new_tokens = list(dict.fromkeys(token for token in tokens if token not in existing))
     tokenizer.add_tokens(
         [AddedToken(token, special=False, normalized=False, single_word=False, lstrip=False, rstrip=False)
          for token in new_tokens]
@@ -436,7 +444,7 @@ def add_sid_tokens(tokenizer, model, semantic_ids: SemanticIds, seed: int = 0, n
     if len(tokenizer) > old_rows:
         model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
     new_ids = torch.tensor(tokenizer.convert_tokens_to_ids(new_tokens), dtype=torch.long)  # [M]
-    if new_ids.numel() == 0:
+    if new_ids.numel() == 0 or noise_scale is None:
         return token_ids
     generator = torch.Generator().manual_seed(seed)
     keep = torch.zeros(model.get_input_embeddings().weight.shape[0], dtype=torch.bool)  # [V'] rows to average

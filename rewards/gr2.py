@@ -62,7 +62,15 @@ class GR2RewardConfig:
     num_candidates: int = 10  # |D|
     format_weight: float = 0.1  # α
     conditional: bool = True  # False: R_rank + α R_fmt for every parseable output
-    unparseable_reward: float = -1.0
+    unparseable_reward: float = -1.0  # <= 0: a broken format never pays
+
+    def __post_init__(self) -> None:
+        for holds, key, allowed in [(self.num_candidates >= 2, "num_candidates", "must be >= 2 (|D|)"),
+                                    (self.format_weight >= 0, "format_weight", "must be >= 0 (α)"),
+                                    (self.unparseable_reward <= 0, "unparseable_reward",
+                                     "must be <= 0 (a broken format must not pay)")]:
+            if not holds:
+                raise ValueError(f"{key}={getattr(self, key)!r}: {allowed}")
 
 
 def _check_candidates(candidate_sids: Sequence[str], num_candidates: int | None = None) -> None:
@@ -118,6 +126,20 @@ def rank_reward(pre_rank: int, reranked_rank: int, num_candidates: int) -> float
 def copies_input_order(ranking: Sequence[str] | None, candidate_sids: Sequence[str]) -> bool:
     """True when a parsed ranking repeats the pre-ranked order exactly (the reward hack); False for None."""
     return ranking is not None and list(ranking) == list(candidate_sids)
+
+
+def order_agreement(ranking: Sequence[str] | None, candidate_sids: Sequence[str]) -> float | None:
+    """Fraction of the |D|(|D|-1)/2 candidate pairs a parsed ranking keeps in the input order: 1 for a copy
+    of the input order, 0 for its reverse, (Kendall's tau + 1) / 2 in general; None for an unparseable output."""
+    if ranking is None:
+        return None
+    position = {sid: index for index, sid in enumerate(ranking)}
+    order = [position[sid] for sid in candidate_sids]
+    pairs = len(order) * (len(order) - 1) // 2
+    if pairs == 0:
+        return 1.0
+    kept = sum(order[i] < order[j] for i in range(len(order)) for j in range(i + 1, len(order)))
+    return kept / pairs
 
 
 def gr2_reward(

@@ -25,10 +25,9 @@ Advantages of the G paths of one user (rows with the same group id):
   std; that is ``engine.loss.group_advantages`` (the official code uses eps = 1e-8).
 * leave-one-out (RLOO): the baseline of path i is the mean reward of the other G - 1
   paths, A_i = R_i - mean_{j != i} R_j; ``group_advantages(..., scale="leave_one_out")``.
-* best-path mask (paper Eq. 8): only the path(s) with the highest advantage of each
-  group train the item head. ``best_path_mask`` marks the ``top_k`` highest
-  advantages per group (top_k = 1 is the paper's i* = argmax_i A_i); on ties the
-  earlier row wins.
+
+The advantages and the best-path choice (which paths train the item head) belong to
+the strategy, ``algorithms/recpo.py``.
 
 Rewards are numbers, not losses: every function here detaches its inputs.
 """
@@ -121,24 +120,3 @@ def recpo_reward(
     ranking = ndcg_reward(target_ranks(scores, targets, history_mask), k)  # [B]
     probability = catalog_probability(scores, targets, history_mask)  # [B]
     return beta * probability + (1.0 - beta) * ranking
-
-
-def best_path_mask(advantages: Tensor, group_ids: Tensor, top_k: int = 1) -> Tensor:
-    """True for the `top_k` highest-advantage rows of each group, [B] bool; ties go to the earlier row.
-
-    advantages [B]; group_ids [B]. A group with at most top_k rows is kept whole.
-    """
-    if top_k < 1:
-        raise ValueError(f"top_k must be >= 1 (1 = the paper's best path), got {top_k}")
-    if advantages.dim() != 1 or group_ids.shape != advantages.shape:
-        raise ValueError(f"advantages and group_ids must both be [B]; got {tuple(advantages.shape)} and "
-                         f"{tuple(group_ids.shape)}")
-    if torch.isnan(advantages).any():
-        raise ValueError("advantages contain NaN; fix the rewards before selecting the best paths")
-    advantages = advantages.detach()
-    rows = torch.arange(advantages.shape[0], device=advantages.device)
-    same_group = group_ids[:, None] == group_ids[None, :]  # [B, B]: row i, other row j
-    higher = advantages[None, :] > advantages[:, None]  # [B, B]: A_j > A_i
-    tied_earlier = (advantages[None, :] == advantages[:, None]) & (rows[None, :] < rows[:, None])  # [B, B]
-    rows_ahead = (same_group & (higher | tied_earlier)).sum(dim=1)  # [B]: rows of the group ranked before i
-    return rows_ahead < top_k

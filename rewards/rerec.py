@@ -43,11 +43,9 @@ answer is wrong, a line that mentions the chosen item and contains no
 paper's formula, for r >= 0); every other line keeps r.  Correct answer or no
 box: no line is penalised.
 
-Curriculum (paper: "Online Curriculum Scheduler"; code: verl/trainer/ppo/ray_trainer.py)
--------------------------------------------------------------------------------------
-d(x) = (1/G) Σ_i (1 - NDCG@1_i); each epoch drops prompts with d < tau and
-orders the rest by d ascending (stable); prompts not yet rolled out keep their
-place (see ``curriculum_order``).
+The online curriculum (d(x) = (1/G) Σ_i (1 - NDCG@1_i), drop d < tau, order the
+rest easy to hard) orders prompts, not rewards: it lives with the strategy,
+``algorithms/rerec.py``.
 """
 
 from __future__ import annotations
@@ -56,7 +54,6 @@ import math
 import re
 import unicodedata
 from collections.abc import Hashable, Iterable, Mapping, Sequence
-from typing import TypeVar
 
 import numpy as np
 
@@ -70,15 +67,11 @@ CODE_SECOND_ALIGNMENT_WEIGHT = 0.01
 #: RAAE penalty: min_token_reward_ratio 0.7 = 1 - w_penalty (scripts/train.sh and the
 #: RAAERewardManager default; the lower-level compute_token_score default of 0.5 is not used).
 DEFAULT_PENALTY_WEIGHT = 0.3
-#: Curriculum threshold tau ("difficulty_threshold" in scripts/train.sh).
-DEFAULT_CURRICULUM_THRESHOLD = 0.1
 
 _BOX_OPEN = "\\boxed{"
 _BOX_TOKENS = re.compile(r"\\boxed\{|[{}]")
 _TRAILING_YEAR = re.compile(r"\s*\(([0-9]{4})\)\s*$")  # the official code's _create_flexible_pattern
 _WHITESPACE = re.compile(r"\s+")
-
-Prompt = TypeVar("Prompt", bound=Hashable)
 
 
 # ----------------------------------------------------------------------------- answer and names
@@ -435,77 +428,3 @@ def segment_rewards(
     if flags.ndim != 1:
         raise ValueError(f"penalised must be a 1-D sequence of flags, got shape {flags.shape}")
     return np.where(flags, reward - weight * abs(reward), reward).astype(np.float64)  # [L]
-
-
-# ----------------------------------------------------------------------------- curriculum
-
-
-def curriculum_difficulty(ndcg_per_sample: Sequence[float] | np.ndarray) -> float:
-    """d(x) = (1/G) Σ_i (1 - r_i) over the G rollouts of one prompt in the last epoch.
-
-    The code (ray_trainer.py ``CurriculumLearningManager``) uses r_i = NDCG@1,
-    not the shaped reward; pass whichever reward the curriculum should follow.
-
-    Raises:
-        ValueError: no rollouts (mark a prompt never rolled out with difficulty None
-            in ``curriculum_order``), or non-finite values.
-    """
-    rewards = np.asarray(ndcg_per_sample, dtype=np.float64)  # [G]
-    if rewards.ndim != 1 or rewards.size == 0:
-        raise ValueError(
-            f"need a non-empty 1-D sequence of per-rollout rewards, got shape {rewards.shape}; "
-            "a prompt without rollouts has difficulty None"
-        )
-    if not np.isfinite(rewards).all():
-        raise ValueError("per-rollout rewards must be finite")
-    return float(np.mean(1.0 - rewards))
-
-
-def curriculum_order(
-    difficulties: Mapping[Prompt, float | None],
-    previous_order: Sequence[Prompt],
-    tau: float = DEFAULT_CURRICULUM_THRESHOLD,
-) -> list[Prompt]:
-    """Next epoch's prompt order from last epoch's difficulties.
-
-    * d < tau ("mastered"): dropped, for good (the code keeps them aside and never re-admits them);
-    * d >= tau: sorted ascending by d, ties in ``previous_order`` order (stable);
-    * d None, or the prompt absent from ``difficulties`` (never rolled out):
-      keeps its place, meaning its index among the surviving prompts is
-      unchanged.  The sorted prompts fill the other surviving slots in order.
-
-    Example, previous order [a, b, c, e] with d = 0.5, None, 0.0, 0.2: c is
-    dropped, the slots of a and e receive e, a, and b stays second:
-    [e, b, a].
-
-    The code instead scores a prompt without rollouts as d = 1.0 and so sends
-    it to the end; keeping its place lets partial epochs (a run that stops
-    early, a subset rolled out) leave unseen prompts where the data order put them.
-
-    Raises:
-        ValueError: duplicates in ``previous_order``, a difficulty for a prompt not in it,
-            a non-finite difficulty or tau.
-    """
-    threshold = _check_finite("tau", tau)
-    positions: dict[Prompt, int] = {}
-    for index, prompt in enumerate(previous_order):
-        if prompt in positions:
-            raise ValueError(
-                f"prompt {prompt!r} appears twice in previous_order (positions {positions[prompt]} and {index})"
-            )
-        positions[prompt] = index
-    for prompt, difficulty in difficulties.items():
-        if prompt not in positions:
-            raise ValueError(f"difficulty given for {prompt!r}, which is not in previous_order")
-        if difficulty is not None:
-            _check_finite(f"difficulty of {prompt!r}", difficulty)
-    scored = [prompt for prompt in previous_order if difficulties.get(prompt) is not None]
-    kept = iter(sorted((p for p in scored if difficulties[p] >= threshold), key=lambda p: difficulties[p]))
-    order: list[Prompt] = []
-    for prompt in previous_order:
-        difficulty = difficulties.get(prompt)
-        if difficulty is None:
-            order.append(prompt)
-        elif difficulty >= threshold:
-            order.append(next(kept))
-    return order

@@ -1,7 +1,9 @@
 """The recommendation task's rewards and the headline experiment end to end."""
 
+import copy
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -111,3 +113,125 @@ def test_headline_runs_on_reddit_v2_with_its_list_length(tmp_path, monkeypatch, 
     assert run.main(["rank_grpo_reddit", "--quick", "--data-dir", str(data), "--out", str(tmp_path / "other"),
                      "--set", "task.list_length=10", *tiny]) == 2
     assert "the reddit-v2 prompts ask for 20 items" in capsys.readouterr().err
+
+
+def test_item_tokens_one_token_per_title_round_trip_and_idempotent(tokenizer):
+    from conftest import make_model
+    from experiments.rec_task import add_item_tokens
+
+    tokenizer = copy.deepcopy(tokenizer)
+    model = make_model(tokenizer)
+    rows_before = model.get_input_embeddings().weight.shape[0]
+    titles = ["Heat (1995)", "Fargo (1996)", "The Shawshank Redemption (1994)", "Fargo (1996)"]
+    assert add_item_tokens(tokenizer, model, titles) == 3  # the duplicate counts once
+    assert model.get_input_embeddings().weight.shape[0] == len(tokenizer) == rows_before + 3
+    text = "Fargo (1996)\nHeat (1995)\nThe Shawshank Redemption (1994)"
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert len(ids) == 5  # three titles and two newlines
+    assert tokenizer.decode(ids) == text
+    weights = model.get_input_embeddings().weight.detach().clone()
+    assert add_item_tokens(tokenizer, model, titles) == 0  # idempotent: nothing added, nothing resized
+    torch.testing.assert_close(model.get_input_embeddings().weight, weights)
+
+
+def test_example_metrics_per_user_in_split_order():
+    task = _task("exp_inf")
+    task.splits["test"] = [task.data.test[0]] * 2
+    replies = iter(["Fargo (1996)\nCasino (1995)", "Casino (1995)\nAlien (1979)"])
+    metrics, completions = task.example_metrics(lambda chats: [next(replies) for _ in chats])
+    assert completions == ["Fargo (1996)\nCasino (1995)", "Casino (1995)\nAlien (1979)"]
+    # |GT| = 2: recall@10 = hits / 2; ndcg@10 = DCG / (1 + 1/log2(3))
+    idcg = 1 + 1 / np.log2(3)
+    assert [m["recall@10"] for m in metrics] == [0.5, 0.5]
+    assert [m["ndcg@10"] for m in metrics] == pytest.approx([1 / idcg, (1 / np.log2(3)) / idcg])
+
+
+def test_item_constraint_masks_repeats_and_seen_items_at_every_position():
+    from experiments.rec_task import ItemConstraint
+
+    heat, fargo, alien = Item("Heat", 1995), Item("Fargo", 1996), Item("Alien", 1979)
+    token_of = {heat: 5, fargo: 6, alien: 7}  # vocabulary of 9: tokens 0-4 and 8 are not items
+    examples = [RecExample(id="a", messages=[], groundtruth=[], seen=[heat]),
+                RecExample(id="b", messages=[], groundtruth=[], seen=[])]
+    completions = torch.tensor([[6, 1, 6, 1, 5], [5, 1, 7, 1, 5]])  # [2, 5]
+    # banned item tokens per position, by hand (row a has seen Heat = 5)
+    unseen = [[{5}, {5, 6}, {5, 6}, {5, 6}, {5, 6}], [set(), {5}, {5}, {5, 7}, {5, 7}]]
+    no_repeat = [[set(), {6}, {6}, {6}, {6}], [set(), {5}, {5}, {5, 7}, {5, 7}]]
+    for flag, expected in ((True, unseen), (False, no_repeat)):
+        constraint = ItemConstraint(examples, token_of, 9, unseen=flag)
+        masked = constraint(torch.zeros(2, 5, 9), torch.tensor([0, 1]), completions, 0)  # recompute: all positions
+        for row in range(2):
+            for position in range(5):
+                assert set(torch.isinf(masked[row, position]).nonzero().flatten().tolist()) == expected[row][position]
+        for position in range(5):  # the sampler's calls: one position, the tokens so far
+            step = constraint(torch.zeros(2, 1, 9), torch.tensor([0, 1]), completions[:, : position + 1], position)
+            torch.testing.assert_close(step[:, 0], masked[:, position])
+        chunk = constraint(torch.zeros(2, 2, 9), torch.tensor([0, 1]), completions[:, :4], 2)  # a later chunk
+        torch.testing.assert_close(chunk, masked[:, 2:4])
+    with pytest.raises(ValueError, match="prompt index"):  # -1: the sampler was given no prompt indices
+        ItemConstraint(examples, token_of, 9, unseen=True)(torch.zeros(1, 1, 9), torch.tensor([-1]), completions[:1], 0)
+    with pytest.raises(ValueError, match="item_tokens"):
+        RecommendationTask(_task("exp_inf").data, 3, "exp_inf", decode_constraint="unseen")
+
+
+def test_sampler_log_probs_equal_the_recompute_under_the_item_constraint(tokenizer):
+    """Rollouts under `unseen`: no item twice, no seen item, and the learner's recompute under the
+    same hook reproduces the sampler's log-probs (so the ratio starts at exactly 1)."""
+    from conftest import make_model
+    from engine.logprobs import completion_logprobs
+    from engine.rollout import SamplingConfig, sample
+    from engine.tokens import encode_prompts
+    from rewards.lists import format_item
+
+    items = [Item("Heat", 1995), Item("Fargo", 1996), Item("Casino", 1995), Item("Alien", 1979), Item("Jaws", 1975)]
+    examples = [RecExample(id="a", messages=[{"role": "user", "content": "recommend"}], groundtruth=[items[1]],
+                           seen=[items[0], items[3]]),
+                RecExample(id="b", messages=[{"role": "user", "content": "movies please"}], groundtruth=[items[2]],
+                           seen=[])]
+    data = RecData(train=examples, val=[], test=[], catalog=Catalog(items), source="toy", list_length=3)
+    task = RecommendationTask(data, 3, "exp_inf", item_tokens=True, decode_constraint="unseen")
+    tokenizer = copy.deepcopy(tokenizer)
+    model = make_model(tokenizer)
+    task.prepare_policy(model, tokenizer)
+    item_token = {item: tokenizer.convert_tokens_to_ids(format_item(item)) for item in items}
+    is_item = torch.zeros(len(tokenizer), dtype=torch.bool)  # [V]
+    is_item[list(item_token.values())] = True
+
+    def biased(logits, prompt_indices, completion_ids, start):  # the random model names items often
+        return task.logits_hook(logits + 5.0 * is_item, prompt_indices, completion_ids, start)
+
+    prompt_ids, prompt_mask = encode_prompts(tokenizer, [e.messages for e in examples], 64, torch.device("cpu"))
+    rollout = sample(model, prompt_ids, prompt_mask, 8, SamplingConfig(max_new_tokens=10), [tokenizer.eos_token_id],
+                     tokenizer.pad_token_id, torch.Generator().manual_seed(0), logits_hook=biased,
+                     prompt_indices=torch.tensor([0, 1]))
+    named = 0
+    for row in range(rollout.num_rows):
+        tokens = rollout.completion_ids[row][rollout.completion_mask[row]].tolist()
+        item_tokens = [t for t in tokens if is_item[t]]
+        seen = {item_token[item] for item in examples[int(rollout.prompt_indices[row])].seen}
+        assert len(item_tokens) == len(set(item_tokens)) and not set(item_tokens) & seen, (row, item_tokens)
+        named += len(item_tokens)
+    assert named >= 16  # the bias makes the check bite: items are named, yet never repeated nor seen
+    with torch.no_grad():
+        recomputed = completion_logprobs(model, rollout.prompt_ids, rollout.prompt_mask, rollout.completion_ids,
+                                         rollout.completion_mask, chunk_size=3, logits_hook=biased,
+                                         prompt_indices=rollout.prompt_indices).logprobs  # [B, T]
+    gap = (recomputed - rollout.old_logprobs).abs()[rollout.completion_mask]
+    assert torch.isfinite(rollout.old_logprobs[rollout.completion_mask]).all() and float(gap.max()) < 1e-5
+
+
+@pytest.mark.skipif(not _movielens_available(), reason="MovieLens-100K not in the data dir (set RECRL_DATA_DIR)")
+def test_dense_prefixes_multiply_training_requests_and_keep_val_and_test():
+    from experiments.data import load_recommendation_data
+
+    sparse = load_recommendation_data(None, list_length=10, source="movielens-100k", verbose=False,
+                                      train_cuts_per_user=3)
+    dense = load_recommendation_data(None, list_length=10, source="movielens-100k", verbose=False,
+                                     train_cuts_per_user=None)
+    assert 10 * len(sparse.train) <= len(dense.train) <= 50 * len(sparse.train)  # issue 15: 10 to 50 times more
+    assert len({e.id for e in dense.train}) == len(dense.train)  # distinct requests
+    assert len(dense.test) == 833
+    for split in ("val", "test"):  # evaluation requests exactly as before: ids, prompts, targets, seen items
+        before, after = getattr(sparse, split), getattr(dense, split)
+        assert [(e.id, e.messages, e.groundtruth, e.seen) for e in before] == \
+               [(e.id, e.messages, e.groundtruth, e.seen) for e in after]

@@ -139,6 +139,20 @@ def test_encoder_matches_the_decoder_last_hidden_state(answer_tokenizer, answer_
     torch.testing.assert_close(hidden, one_by_one, atol=1e-5, rtol=1e-5)
 
 
+def test_encoder_takes_one_prefill_per_prompt(answer_tokenizer, answer_model):
+    """A user's written reasoning + "<answer>" as the prefill gives h_T at the end of that text."""
+    prefills = ["Heat is a crime film <answer>", "<answer>", "Fargo (1996)<answer>"]
+    hidden = encode_items(answer_model, answer_tokenizer, ITEM_PROMPTS, batch_size=2, prefill_answer=prefills)
+    for row, (messages, prefill) in enumerate(zip(ITEM_PROMPTS, prefills)):
+        text = answer_tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) + prefill
+        ids = answer_tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            alone = answer_model.model(input_ids=ids).last_hidden_state[0, -1]
+        torch.testing.assert_close(hidden[row], alone, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="one per prompt"):
+        encode_items(answer_model, answer_tokenizer, ITEM_PROMPTS, prefill_answer=prefills[:2])
+
+
 def test_encoder_keeps_the_graph_when_asked(answer_tokenizer, answer_model):
     hidden = encode_items(answer_model, answer_tokenizer, ITEM_PROMPTS[:2], batch_size=2, with_grad=True)
     assert hidden.requires_grad

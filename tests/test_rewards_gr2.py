@@ -7,6 +7,7 @@ import pytest
 from rewards.gr2 import (
     GR2RewardConfig,
     copies_input_order,
+    order_agreement,
     format_ranking,
     gr2_reward,
     parse_ranking,
@@ -114,3 +115,19 @@ def test_bad_inputs():
         parse_ranking(text, CANDIDATES[:9] + ["<a_1> <b_2>"])
     with pytest.raises(ValueError, match="candidate_sids is empty"):
         parse_ranking(text, [])
+
+
+def test_order_agreement_counts_concordant_pairs():
+    assert order_agreement(CANDIDATES, CANDIDATES) == 1.0
+    assert order_agreement(CANDIDATES[::-1], CANDIDATES) == 0.0
+    assert order_agreement(move(CANDIDATES, 4, 1), CANDIDATES) == pytest.approx(1 - 3 / 45)  # 3 of 45 pairs flip
+    assert order_agreement(move(CANDIDATES, 1, 10), CANDIDATES) == pytest.approx(1 - 9 / 45)
+    assert order_agreement(None, CANDIDATES) is None
+
+
+@pytest.mark.parametrize("settings, key", [({"num_candidates": 1}, "num_candidates"),
+                                           ({"format_weight": -0.1}, "format_weight"),
+                                           ({"unparseable_reward": 0.5}, "unparseable_reward")])
+def test_reward_config_checks(settings, key):
+    with pytest.raises(ValueError, match=f"^{key}="):
+        GR2RewardConfig(**settings)

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from engine.loss import group_advantages
+from algorithms.recpo import best_path_mask
 from rewards.recpo import (
-    best_path_mask,
     catalog_probability,
     ndcg_reward,
     recpo_reward,
@@ -153,34 +153,3 @@ def test_bad_inputs_raise():
         catalog_probability(torch.tensor([[0.0, float("-inf"), 1.0]]), torch.tensor([0]))
     with pytest.raises(ValueError, match=r"\[B\]"):
         target_ranks(scores, torch.tensor([0]))
-
-
-def numpy_best_paths(advantages, groups, top_k):
-    keep = np.zeros(len(advantages), dtype=bool)
-    for group in np.unique(groups):
-        rows = np.flatnonzero(groups == group)
-        order = sorted(rows, key=lambda row: (-advantages[row], row))  # higher first, then earlier row
-        keep[order[:top_k]] = True
-    return keep
-
-
-@pytest.mark.parametrize("top_k", [1, 2, 5])
-def test_best_path_mask_matches_numpy_with_ties(top_k):
-    generator = np.random.default_rng(top_k)
-    advantages = np.round(generator.normal(size=24), 0)  # many ties
-    groups = np.repeat(np.arange(6), 4)
-    generator.shuffle(groups)
-    mask = best_path_mask(torch.tensor(advantages), torch.tensor(groups), top_k=top_k)
-    np.testing.assert_array_equal(mask.numpy(), numpy_best_paths(advantages, groups, top_k))
-    assert mask.sum().item() == 6 * min(top_k, 4)
-
-
-def test_best_path_ties_go_to_the_first_row():
-    advantages = torch.tensor([0.5, 1.0, 1.0, -2.0, 0.0, 0.0])
-    groups = torch.tensor([0, 0, 0, 0, 1, 1])
-    assert best_path_mask(advantages, groups).tolist() == [False, True, False, False, True, False]
-    assert best_path_mask(advantages, groups, top_k=2).tolist() == [False, True, True, False, True, True]
-    with pytest.raises(ValueError, match="top_k"):
-        best_path_mask(advantages, groups, top_k=0)
-    with pytest.raises(ValueError, match="NaN"):
-        best_path_mask(torch.tensor([float("nan")]), torch.tensor([0]))

@@ -1,7 +1,8 @@
 """ReRec rewards (rewards/rerec.py) against hand-computed values and numpy written here.
 
-Oracles: code reward, QAS/PAS, RAAE line rewards, RAAE advantage and curriculum
-(docs/rerec.md, "Worked examples"), plus hand RAAE cases and bad inputs.
+Oracles: code reward, QAS/PAS, RAAE line rewards and RAAE advantage (docs/rerec.md,
+"Worked examples"), plus hand RAAE cases and bad inputs. The curriculum lives with the
+strategy: tests/test_rerec.py.
 """
 
 import unicodedata
@@ -12,8 +13,6 @@ import pytest
 from rewards.lists import parse_list
 from rewards.rerec import (
     code_reward,
-    curriculum_difficulty,
-    curriculum_order,
     first_boxed,
     match_candidate,
     ndcg_at_1,
@@ -334,45 +333,3 @@ def test_segment_rewards_sign_and_bounds():
         segment_rewards(float("inf"), [True])
     with pytest.raises(ValueError, match="1-D"):
         segment_rewards(0.5, [[True]])
-
-
-# ----------------------------------------------------------------------------- curriculum
-
-
-def test_curriculum_oracle():
-    difficulties = {
-        "mastered": curriculum_difficulty([1, 1, 1, 1, 1]),
-        "hard": curriculum_difficulty([0, 0, 0, 0, 0]),
-        "medium": curriculum_difficulty([1, 1, 1, 1, 0]),
-    }
-    assert difficulties == {"mastered": 0.0, "hard": 1.0, "medium": pytest.approx(0.2)}
-    assert curriculum_order(difficulties, ["mastered", "hard", "medium"], tau=0.1) == ["medium", "hard"]
-
-
-def test_curriculum_difficulty_of_shaped_rewards():
-    # mean(1 - r) = 1 - mean(r): (1 - 1.05) and (1 - 0.05) average to 0.45
-    assert curriculum_difficulty([1.05, 0.05]) == pytest.approx(0.45)
-    with pytest.raises(ValueError, match="None"):
-        curriculum_difficulty([])
-    with pytest.raises(ValueError, match="finite"):
-        curriculum_difficulty([np.nan])
-
-
-def test_curriculum_unseen_prompts_keep_their_place():
-    previous = ["a", "b", "c", "d", "e", "f"]
-    difficulties = {"a": 0.8, "b": None, "c": 0.05, "d": 0.3, "f": 0.3}  # e never rolled out
-    # survivors a b d e f (c dropped); b and e stay 2nd and 4th; a d f slots get d f a (0.3, 0.3 stable, 0.8)
-    assert curriculum_order(difficulties, previous) == ["d", "b", "f", "e", "a"]
-
-
-def test_curriculum_edges():
-    assert curriculum_order({}, []) == []
-    assert curriculum_order({"a": 0.0, "b": 0.09}, ["a", "b"]) == []          # all mastered
-    assert curriculum_order({"a": 0.1}, ["a"], tau=0.1) == ["a"]              # d = tau is kept
-    assert curriculum_order({1: 0.5, 2: 0.2}, [1, 2], tau=0.0) == [2, 1]      # any hashable prompt
-    with pytest.raises(ValueError, match="twice"):
-        curriculum_order({}, ["a", "a"])
-    with pytest.raises(ValueError, match="not in previous_order"):
-        curriculum_order({"z": 0.5}, ["a"])
-    with pytest.raises(ValueError, match="finite"):
-        curriculum_order({"a": float("nan")}, ["a"])

@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -212,7 +213,8 @@ def test_nan_rewards_skip_the_step_without_touching_weights(tokenizer, tmp_path)
 
 def test_dynamic_sampling_refills_the_batch(tokenizer, tmp_path):
     # Even prompts: all rewards equal (no signal, dropped); odd prompts: rewards vary with the text.
-    task = ToyTask(lambda index, text: 1.0 if index % 2 == 0 else float(len(text) % 3))
+    given = []  # every reward the task returned, kept or dropped
+    task = ToyTask(lambda index, text: given.append(1.0 if index % 2 == 0 else float(len(text) % 3)) or given[-1])
     trainer, _ = _trainer(tokenizer, tmp_path, task, DAPO(), max_generation_rounds=6)
     captured = []
     original_update = trainer.learner.update
@@ -222,6 +224,10 @@ def test_dynamic_sampling_refills_the_batch(tokenizer, tmp_path):
     assert batch.rollout.num_rows == 2 * 4  # full batch: prompts_per_step groups of G
     assert 0.0 < metrics["frac_groups_dropped"] < 1.0
     assert trainer.prompts.consumed > 2  # it sampled more prompts than one round
+    # reward_mean and reward_std describe the same rewards: all that were sampled, before shaping
+    assert len(given) == trainer.prompts.consumed * 4
+    assert metrics["reward_mean"] == pytest.approx(np.mean(given))
+    assert metrics["reward_std"] == pytest.approx(np.std(given, ddof=1), rel=1e-6)
 
 
 def test_dynamic_sampling_gives_up_after_max_rounds(tokenizer, tmp_path):
