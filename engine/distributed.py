@@ -59,13 +59,16 @@ def all_reduce(value: Tensor, op: str = "sum") -> Tensor:
 
 def average_gradients(parameters: list[Tensor]) -> None:
     """Average, in place, the gradients of parameters that DDP does not own (a strategy's head) over
-    the ranks, as DDP averages the model's; a parameter without a gradient here counts as zeros."""
-    if not dist.is_initialized():
+    the ranks, as DDP averages the model's. A parameter with a gradient on some rank counts as zeros
+    where it has none; one without a gradient on every rank keeps None (the optimizer skips it)."""
+    if not dist.is_initialized() or not parameters:
         return
-    for parameter in parameters:
-        if parameter.grad is None:
-            parameter.grad = torch.zeros_like(parameter)
-        parameter.grad.copy_(all_reduce(parameter.grad, "mean"))
+    anywhere = all_reduce(torch.tensor([float(p.grad is not None) for p in parameters]), "max")  # [P]
+    for parameter, has_gradient in zip(parameters, anywhere.tolist()):
+        if has_gradient:
+            if parameter.grad is None:
+                parameter.grad = torch.zeros_like(parameter)
+            parameter.grad.copy_(all_reduce(parameter.grad, "mean"))
 
 
 def step_counts(mask: Tensor) -> tuple[float, float]:

@@ -310,10 +310,12 @@ class Trainer:
             # Never train on a broken reward or policy: the step is skipped and the weights stay untouched.
             metrics.update(skipped=f"non-finite {non_finite}", reward_mean=None, **timings)
             return metrics
-        raw = torch.cat(raw_values)  # [n] every completion sampled on this rank, kept or not
-        reward_sum, reward_count = all_reduce(torch.tensor([float(raw.sum()), float(raw.numel())])).tolist()
-        metrics["reward_mean"] = reward_sum / max(reward_count, 1.0)  # reward_std: of the same rewards, rank 0's
-        metrics["reward_std"] = float(raw.std()) if raw.numel() > 1 else 0.0
+        raw = torch.cat(raw_values).double()  # [n] every completion sampled on this rank, kept or not
+        total, squares, count = all_reduce(torch.stack([raw.sum(), (raw**2).sum(), torch.tensor(
+            float(raw.numel()), dtype=torch.float64)])).tolist()  # over all ranks
+        metrics["reward_mean"] = total / max(count, 1.0)
+        metrics["reward_std"] = (max(squares - count * metrics["reward_mean"] ** 2, 0.0) / (count - 1)) ** 0.5 \
+            if count > 1 else 0.0  # unbiased, of the same rewards as reward_mean
         metrics["zero_spread_frac"] = 1.0 - float(torch.cat(spread).float().mean())
         if filtered:
             metrics["frac_groups_dropped"] = 1.0 - groups_kept / max(groups_sampled, 1)

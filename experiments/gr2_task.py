@@ -458,6 +458,7 @@ class GR2Task:
                        max_completion_length=config.sampling.max_new_tokens)
         common = {"version": _CACHE_VERSION, "model": asdict(config.model), "seed": config.seed, "data":
                   self.fingerprint, "sft": asdict(config.sft), **lengths,
+                  "tokenizer": sorted(tokenizer.get_vocab().items()),  # trained on a corpus the task settings shape
                   "task": {key: value for key, value in asdict(self.config).items()
                            if key in ("history_length", "train_prefixes_per_user", "sid_levels", "sid_codebook_size",
                                       "sid_facts", "sid_dim", "midtrain_steps")}}

@@ -319,9 +319,9 @@ def run_rl(config: ExperimentConfig, run_dir: Path, task, corpus: list[str], res
         enable_activation_checkpointing(model)
     strategy = strategy_class(config.algorithm)(config.strategy, tokenizer=tokenizer, task=task)
     if distributed.rank_and_size()[1] > 1:
-        if list(strategy.parameters()):
-            raise ExperimentError(f"{config.algorithm} trains parameters of its own, which are not averaged over "
-                                  "processes yet: run it in one process")
+        if list(strategy.parameters()) and config.trainer.distributed == "fsdp2":
+            raise ExperimentError(f"{config.algorithm} trains parameters of its own, which FSDP2 does not shard: "
+                                  "use --set trainer.distributed=ddp (the learner averages their gradients)")
         if config.trainer.distributed == "fsdp2" and unsupported_reason(model):
             raise ExperimentError(f"trainer.distributed=fsdp2 samples with the fast decoder, which cannot run this "
                                   f"model ({unsupported_reason(model)}): use trainer.distributed=ddp")
@@ -390,6 +390,8 @@ def recorded_initial_model(run_dir: Path) -> str | None:
     recorded = json.loads((run_dir / "config.json").read_text()).get("initial_model")
     if recorded and (Path(recorded) / "config.json").is_file():
         return recorded
+    print(f"warning: the warm start this run started from ({recorded}) is gone; using the SFT cache entry of the "
+          "current settings (trained again if missing)")
     return None
 
 
@@ -409,11 +411,12 @@ def run_experiment(config: ExperimentConfig, run_dir: Path, data_dir: str | None
         final = run_sft_only(config, run_dir, task, corpus, data_source, fingerprint)
         print("sft eval: " + ", ".join(f"{k}={v:.4f}" for k, v in final.items()))
         return
-    initial_model = recorded_initial_model(run_dir) if resume else None
-    if config.sft.steps > 0 and initial_model is None:  # rank 0 trains or finds the warm start; others wait
-        rank_zero = distributed.rank_and_size()[0] == 0
-        initial_model = distributed.broadcast(str(run_sft_stage(config, task, corpus, fingerprint)) if rank_zero
-                                              else None)
+    initial_model = None
+    if config.sft.steps > 0:  # rank 0 trains or finds the warm start (a resumed run: its own); the others wait
+        if distributed.rank_and_size()[0] == 0:
+            initial_model = (recorded_initial_model(run_dir) if resume else None) or str(
+                run_sft_stage(config, task, corpus, fingerprint))
+        initial_model = distributed.broadcast(initial_model)
     final = run_rl(config, run_dir, task, corpus, resume, initial_model,
                    "sft" if initial_model else "initial", {"data_source": data_source})
     print("final eval: " + ", ".join(f"{k}={v:.4f}" for k, v in final.items()))

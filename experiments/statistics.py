@@ -1,4 +1,4 @@
-"""The paired bootstrap interval every results table in recpo uses (README "Results").
+"""The paired bootstrap interval every results table in recrl uses (README "Results").
 
 For two models scored on the same users (or requests), x_u and y_u, the reported difference is
 d = mean_u (x_u - y_u); its interval resamples the users with replacement B times and takes the
@@ -21,6 +21,8 @@ def paired_bootstrap(first, second, resamples: int = 10_000, seed: int = 0,
     if first.shape != second.shape or first.ndim != 1 or first.size == 0:
         raise ValueError(f"paired_bootstrap needs two non-empty 1-D arrays of the same users; got shapes "
                          f"{first.shape} and {second.shape}")
+    if not (np.isfinite(first).all() and np.isfinite(second).all()):
+        raise ValueError("paired_bootstrap got NaN or inf metrics; every user needs a finite value on both sides")
     if resamples < 1 or not 0 < level < 1:
         raise ValueError(f"need resamples >= 1 and 0 < level < 1; got {resamples} and {level}")
     differences = first - second  # [U]
@@ -32,6 +34,6 @@ def paired_bootstrap(first, second, resamples: int = 10_000, seed: int = 0,
     return float(differences.mean()), float(np.quantile(means, tail)), float(np.quantile(means, 1.0 - tail))
 
 
-def interval_dict(first, second, resamples: int = 10_000, seed: int = 0) -> dict[str, float]:
+def interval_dict(first, second, resamples: int = 10_000, seed: int = 0, level: float = 0.95) -> dict[str, float]:
     """paired_bootstrap as {"difference", "low", "high"} (the form the RecPO and ReRec tables store)."""
-    return dict(zip(("difference", "low", "high"), paired_bootstrap(first, second, resamples, seed)))
+    return dict(zip(("difference", "low", "high"), paired_bootstrap(first, second, resamples, seed, level)))

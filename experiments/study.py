@@ -64,10 +64,11 @@ import numpy as np
 
 from experiments.statistics import paired_bootstrap
 
-RESULTS = Path("experiments/results/study")
+ROOT = Path(__file__).resolve().parents[1]  # the repository
+RESULTS = ROOT / "experiments" / "results" / "study"
 RUNS = Path("runs/study")
-EASE_RESULTS = Path("experiments/results/baselines_ml100k.json")
-README = Path("README.md")
+EASE_RESULTS = ROOT / "experiments" / "results" / "baselines_ml100k.json"
+README = ROOT / "README.md"
 MUS = (1, 2, 4)
 MINI_BATCHES = 2
 PAPER_AGGREGATION = "seq_mean_unit_mean"
@@ -440,8 +441,9 @@ README_MARKERS = ("<!-- study table: written by python -m experiments.study -->"
 def update_readme(readme: Path, table: str) -> bool:
     """Put `table` between README_MARKERS in `readme` (True), or leave a file without them alone (False)."""
     text = readme.read_text() if readme.exists() else ""
-    start, end = text.find(README_MARKERS[0]), text.find(README_MARKERS[1])
-    if start < 0 or end < start:
+    start = text.find(README_MARKERS[0])
+    end = text.find(README_MARKERS[1], start) if start >= 0 else -1
+    if start < 0 or end < 0:
         return False
     readme.write_text(text[:start + len(README_MARKERS[0])] + "\n" + table.rstrip("\n") + "\n" + text[end:])
     return True

@@ -5,8 +5,10 @@ mid-training and SFT) is named by everything its weights depend on, a JSON-able 
 (the model and SFT settings, lengths, seed, the data fingerprint, the task fields the stage
 reads), and lives in `$RECRL_CACHE_DIR/sft/<name>-<first 16 hex of sha256(identity)>/`
 (default `~/.cache/recrl`). While a run trains an entry it holds the entry's lock (a second run
-exits 2 at once, naming the holder); the entry is written to a temporary folder and renamed, so
-no run ever reads half an entry, and a temporary folder left by a killed run is removed.
+that needs the same entry exits 2 at once, naming the holder; finished entries are read without
+the lock); the entry is written to a temporary folder and renamed, so no killed run leaves half
+an entry, and a temporary folder left by one is removed. Warm starts run on rank 0 only
+(experiments/run.py), so the lock is never contended by the ranks of one run.
 """
 
 from __future__ import annotations
@@ -59,20 +61,21 @@ def cached_stage(model, name: str, identity: dict, train: Callable[[], list[dict
 
     folder = stage_folder(name, identity)
     folder.parent.mkdir(parents=True, exist_ok=True)
-    with hold_lock(folder.with_name(f"{folder.name}.lock"), f"the warm-start cache entry {folder}"):
-        if (folder / "history.json").exists():
-            print(f"{name}: reusing the cached warm start {folder}")
-            load_model(unwrap_model(model), str(folder / "model.safetensors"))
-            return json.loads((folder / "history.json").read_text())
-        for stale in folder.parent.glob(f"{folder.name}.tmp-*"):  # left by a run that was killed
-            shutil.rmtree(stale, ignore_errors=True)
-        history = train()
-        temporary = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
-        temporary.mkdir()
-        save_model(unwrap_model(model), str(temporary / "model.safetensors"))
-        (temporary / "history.json").write_text(json.dumps(history))
-        temporary.rename(folder)
-    return history
+    if not (folder / "history.json").exists():  # a finished entry never changes: read it without the lock
+        with hold_lock(folder.with_name(f"{folder.name}.lock"), f"the warm-start cache entry {folder}"):
+            if not (folder / "history.json").exists():  # unless a run that held the lock has just written it
+                for stale in folder.parent.glob(f"{folder.name}.tmp-*"):  # left by a run that was killed
+                    shutil.rmtree(stale, ignore_errors=True)
+                history = train()
+                temporary = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
+                temporary.mkdir()
+                save_model(unwrap_model(model), str(temporary / "model.safetensors"))
+                (temporary / "history.json").write_text(json.dumps(history))
+                temporary.rename(folder)
+                return history
+    print(f"{name}: reusing the cached warm start {folder}")
+    load_model(unwrap_model(model), str(folder / "model.safetensors"))
+    return json.loads((folder / "history.json").read_text())
 
 
 def sft_progress(steps: int, description: str) -> Callable[[dict], None]:

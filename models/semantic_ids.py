@@ -421,9 +421,10 @@ def add_vocabulary_tokens(tokenizer, model, tokens: list[str], seed: int = 0,
     ``decode(..., skip_special_tokens=True)``).  Rows of newly added tokens in the input
     embedding (and in an untied output head) start at the mean of the existing rows plus
     Gaussian noise of ``noise_scale`` times the per-dimension standard deviation, from a
-    generator seeded with `seed`; with ``noise_scale=None`` they keep the model's own
-    initialisation of new rows (``resize_token_embeddings(mean_resizing=False)``, drawn from
-    the global torch generator).  The embedding matrix is grown only when the tokenizer
+    generator seeded with `seed`; with ``noise_scale=None`` (and `seed` unused) they are left as
+    they are: spare rows the checkpoint already has, and rows the model's own initialisation
+    gives when the matrix grows (``resize_token_embeddings(mean_resizing=False)``, drawn from the
+    global torch generator).  The embedding matrix is grown only when the tokenizer
     outgrows it (checkpoints often carry spare rows).  Both then round-trip through
     ``save_pretrained`` / ``from_pretrained``.  Idempotent: tokens already present keep
     their ids and rows.

@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 AGGREGATIONS = ("token_mean", "seq_mean_token_mean")
 MODES = ("ddp", "fsdp2")
 GROUP_SIZE = 3
-HEAD_CASE = ("ddp", "seq_mean_token_mean")  # a strategy with its own head: replaces this pair's GRPO
+HEAD_CASE = ("ddp", "seq_mean_token_mean", "head")  # GRPOWithHead, beside the plain GRPO cases
 
 
 def _batch(tokenizer, model) -> PolicyBatch:
@@ -77,7 +77,8 @@ def _worker(rank: int, size: int, rendezvous: str, result_path: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=size)
     tokenizer = train_tokenizer(CORPUS, vocab_size=300)
     results = {}
-    for mode, aggregation in [(mode, aggregation) for mode in MODES for aggregation in AGGREGATIONS] + [HEAD_CASE]:
+    for key in [(mode, aggregation, "plain") for mode in MODES for aggregation in AGGREGATIONS] + [HEAD_CASE]:
+        mode, aggregation = key[:2]
         model = make_model(tokenizer, seed=5)
         batch = _batch(tokenizer, model)  # the same batch on every rank (a seeded generator)
         groups = distributed.shard(list(range(batch.rollout.num_rows // GROUP_SIZE)))  # whole groups
@@ -85,12 +86,12 @@ def _worker(rank: int, size: int, rendezvous: str, result_path: str) -> None:
         share = PolicyBatch(batch.rollout.select_rows(rows), batch.rewards.select_rows(rows),
                             batch.unit_ids[rows], batch.advantages[rows])
         wrapped = distributed.wrap(model, mode)
-        strategy = GRPOWithHead() if (mode, aggregation) == HEAD_CASE else None
+        strategy = GRPOWithHead() if key == HEAD_CASE else None
         metrics = _update(wrapped, share, aggregation, strategy)
         weights = _whole_weights(wrapped)
         if strategy is not None:
             weights.update({f"head.{name}": value.detach().clone() for name, value in strategy.module.named_parameters()})
-        results[mode, aggregation] = {"weights": weights, "metrics": metrics, "rows": rows.numel()}
+        results[key] = {"weights": weights, "metrics": metrics, "rows": rows.numel()}
     if rank == 0:
         torch.save(results, result_path)
     dist.barrier()  # no rank leaves while another still talks to it
@@ -99,7 +100,7 @@ def _worker(rank: int, size: int, rendezvous: str, result_path: str) -> None:
 
 @pytest.fixture(scope="module")
 def updates(tmp_path_factory):
-    """{(mode, aggregation): (one-process result, rank 0's result of 2 processes)}."""
+    """{(mode, aggregation, "plain" | "head"): (one-process result, rank 0's result of 2 processes)}."""
     directory = tmp_path_factory.mktemp("distributed")
     multiprocessing.spawn(_worker, args=(2, str(directory / "rendezvous"), str(directory / "result.pt")), nprocs=2)
     two = torch.load(directory / "result.pt", weights_only=False)
@@ -120,13 +121,21 @@ def updates(tmp_path_factory):
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("aggregation", AGGREGATIONS)
 def test_two_processes_update_the_weights_as_one_process_does(updates, mode, aggregation):
-    one, two = updates[mode, aggregation]
+    _check_one_against_two(*updates[mode, aggregation, "plain"], head=False)
+
+
+@pytest.mark.slow
+def test_a_strategy_head_is_averaged_over_the_processes(updates):
+    _check_one_against_two(*updates[HEAD_CASE], head=True)
+
+
+def _check_one_against_two(one, two, head):
     assert two["rows"] == 6  # each rank trained on 2 of the 4 groups
     initial = make_model(train_tokenizer(CORPUS, vocab_size=300), seed=5)
     moved = 0.0
     differing, total = 0, 0
     for name, parameter in initial.named_parameters():
-        if (mode, aggregation) == HEAD_CASE:
+        if head:
             # the head's loss reaches every weight, some with gradients at rounding level, whose sign the order
             # of summation decides; Adam's first step is then +-lr (1e-4) there: count them, bound them
             difference = (two["weights"][name] - one["weights"][name].detach()).abs()
@@ -141,7 +150,7 @@ def test_two_processes_update_the_weights_as_one_process_does(updates, mode, agg
     assert two["metrics"]["grad_norm"] == pytest.approx(one["metrics"]["grad_norm"], rel=1e-5)
     assert one["metrics"]["grad_norm"] > 0.1
     assert two["metrics"]["loss"] == pytest.approx(one["metrics"]["loss"], abs=1e-6)
-    if (mode, aggregation) == HEAD_CASE:  # the head's own parameters moved, and alike in both runs
+    if head:  # the head's own parameters moved, and alike in both runs
         assert differing < 0.005 * total
         for name in ("head.weight", "head.bias"):
             torch.testing.assert_close(two["weights"][name], one["weights"][name].detach(), atol=1e-6, rtol=0)

@@ -323,6 +323,9 @@ def test_warm_start_stages_are_cached_locked_and_written_whole(tmp_path, monkeyp
     assert all(torch.equal(a, b) for a, b in zip(trained, fresh.parameters()))
     cached_stage(make_model(tokenizer, seed=0), "gr2-stage1", {"a": 2}, train)  # another identity: trained again
     assert len(calls) == 2
+    finished = stage_folder("gr2-stage1", {"a": 1})
+    with hold_lock(finished.with_name(f"{finished.name}.lock"), "test"):  # another run holds a finished entry:
+        cached_stage(make_model(tokenizer, seed=0), "gr2-stage1", {"a": 1}, train)  # read without the lock
     folder = stage_folder("gr2-stage1", {"a": 3})
     with hold_lock(folder.with_name(f"{folder.name}.lock"), "test"):  # another run trains this entry
         with pytest.raises(Exception, match="is in use by pid"):

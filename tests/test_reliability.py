@@ -523,7 +523,7 @@ def test_fault_suite_sigkill_at_random_moments_then_resume_ends_as_the_uninterru
 
 
 def test_a_resumed_run_starts_from_the_warm_start_it_recorded(tmp_path, monkeypatch, capsys):
-    """Even when the SFT cache it came from is gone (another RECRL_CACHE_DIR, a changed cache key)."""
+    """Even when the SFT cache the run now looks in lacks it (another RECRL_CACHE_DIR, a changed cache key)."""
     out = tmp_path / "run"
     arguments = ["grpo_sort", *TINY, "--set", "sft.steps=2", "--set", "save_every=1"]
     assert run.main([*arguments, "--set", "max_steps=1", "--out", str(out)]) == 0

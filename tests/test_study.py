@@ -22,6 +22,8 @@ def test_paired_bootstrap_hand_computed():
     assert (difference, low, high) == (0.5, 0.0, 1.0)
     with pytest.raises(ValueError, match="same users"):
         study.paired_bootstrap([1.0, 2.0], [1.0])
+    with pytest.raises(ValueError, match="NaN or inf"):
+        study.paired_bootstrap([1.0, float("nan")], [1.0, 0.0])
 
 
 def _record(row, seed, per_user, algorithm, mu=None, training=None):
