@@ -90,6 +90,8 @@ import torch
 from torch import Tensor
 
 from engine.config import check, check_choice
+from engine.logging import read_metrics
+from experiments.run_records import read_selection
 from experiments.statistics import paired_bootstrap
 from experiments.warm_start import cached_stage, sft_progress
 from models.semantic_ids import SemanticIdConfig, SemanticIds, add_sid_tokens, add_vocabulary_tokens
@@ -667,11 +669,9 @@ def run_selection(run_dir: Path, metric: str = GR2Task.selection_metric) -> dict
     """How the trainer chose the reported checkpoint: selection.json, or eval.json's "selection" entry. For a
     run stopped before its end (neither holds one), the validation rows of metrics.jsonl: `checkpoints/best`
     is then the first best of those evaluations (the trainer replaces it only on a strict improvement)."""
-    path = run_dir / "selection.json"
-    selection = json.loads(path.read_text()) if path.exists() else json.loads(
-        (run_dir / "eval.json").read_text()).get("selection", {})
+    selection = read_selection(run_dir)
     if selection.get("best_step") is None:
-        rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+        rows = read_metrics(run_dir / "metrics.jsonl")
         history = [[row["step"], row[f"eval/{metric}"]] for row in rows
                    if row.get("eval") and row.get("split") == "val" and f"eval/{metric}" in row]
         if history:
@@ -700,7 +700,7 @@ def order_trajectory(run_dir: Path) -> dict[str, list]:
     prompts consumed; rows-weighted) and of the greedy validation completions (metrics.jsonl eval rows)."""
     from engine.checkpoint import latest_checkpoint
 
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    rows = read_metrics(run_dir / "metrics.jsonl")
     steps = [(row["step"], row["prompts_consumed"]) for row in rows
              if not row.get("eval") and "prompts_consumed" in row]
     checkpoint = latest_checkpoint(run_dir, warn=lambda text: None)

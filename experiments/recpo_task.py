@@ -85,12 +85,14 @@ from tqdm.auto import tqdm
 
 from engine.config import check, check_choice
 from engine.learner import Rewards, lr_multiplier
+from engine.logging import read_metrics
 from engine.logprobs import completion_logprobs, unwrap_model
 from engine.tokens import encode_prompts, pad_token_lists
 from experiments.baselines import items_from_scores
 from experiments.data.common import RecExample
 from experiments.data.item_graph import ItemGraph
 from experiments.data.movielens import LIKED_RATING
+from experiments.run_records import read_selection
 from experiments.statistics import interval_dict
 from experiments.warm_start import cached_stage
 from models.rec_head import SIMILARITIES, ItemScorer, ItemTable, RecHeadConfig, encode_items
@@ -572,10 +574,8 @@ def _leaves(tree: dict, prefix: str = "") -> dict:
 def run_record(run_dir: Path) -> dict:
     """What a run directory says about its training: the checkpoint chosen on validation, the validation
     history, the mean reward (R_d) and item loss per block of 10 steps, seconds per stage, the command."""
-    selection_file = run_dir / "selection.json"
-    selection = (json.loads(selection_file.read_text()) if selection_file.is_file()
-                 else json.loads((run_dir / "eval.json").read_text()).get("selection", {}))
-    steps = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    selection = read_selection(run_dir)
+    steps = read_metrics(run_dir / "metrics.jsonl")
     train = [row for row in steps if not row.get("eval") and row.get("reward_mean") is not None]
 
     def per_block(key: str) -> list[float]:

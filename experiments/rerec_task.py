@@ -67,6 +67,7 @@ import torch
 from engine.config import check, check_choice
 from engine.learner import Rewards
 from experiments.data.item_graph import DESCRIBED_KINDS, GENRE_KIND, ItemGraph
+from experiments.run_records import read_selection
 from experiments.statistics import interval_dict
 from experiments.warm_start import cached_stage, sft_progress
 from rewards.lists import format_item
@@ -649,7 +650,7 @@ def table(rows: list[tuple[str, Path]], reference_run: Path, data_dir: str | Non
             if differing:
                 raise SystemExit(f"error: {run_dir} was trained with other task.{differing[0]} than the reference run; "
                                  "rows must share the requests and candidates")
-            selection = json.loads((run_dir / "selection.json").read_text())  # the trainer's validation choice
+            selection = read_selection(run_dir)  # the trainer's validation choice
             row["best_step"], row["val_hit@1"] = selection["best_step"], selection["best_value"]
             row["settings"] = json.loads((run_dir / "config.json").read_text())["command"]
         results["rows"][name] = row

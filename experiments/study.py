@@ -62,6 +62,8 @@ from pathlib import Path
 
 import numpy as np
 
+from engine.logging import read_metrics
+from experiments.run_records import read_selection
 from experiments.statistics import paired_bootstrap
 
 ROOT = Path(__file__).resolve().parents[1]  # the repository
@@ -270,7 +272,7 @@ def training_statistics(metrics_path: Path) -> dict | None:
     None without RL steps."""
     if not metrics_path.exists():
         return None
-    steps = [row for row in map(json.loads, metrics_path.read_text().splitlines())
+    steps = [row for row in read_metrics(metrics_path)
              if not row.get("eval") and row.get("reward_mean") is not None and "clip_frac" in row]
     if not steps:
         return None
@@ -382,8 +384,9 @@ def record_run(row: Row, seed: int, run_dir: Path, command: str, wall: float, mu
         test, last, selection, checkpoint = evaluation["sft"], None, None, Path(stored["initial_model"])
     else:
         test, last = evaluation[config.algorithm], evaluation[f"{config.algorithm}/last"]
-        selection_path = run_dir / "selection.json"
-        selection = json.loads(selection_path.read_text()) if selection_path.exists() else evaluation["selection"]
+        selection = read_selection(run_dir)
+        if not selection:
+            raise SystemExit(f"study: {run_dir} has no selection.json (a run that did not finish); resume it first")
         checkpoint = run_dir / "checkpoints" / "best"
     if row.algorithm not in ("sft", config.algorithm):
         raise SystemExit(f"study: {run_dir} ran {config.algorithm}, not the {row.algorithm} of row {row.label}")

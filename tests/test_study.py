@@ -156,3 +156,15 @@ def test_the_readme_table_is_regenerated_between_its_markers_only(tmp_path):
     unmarked = tmp_path / "OTHER.md"
     unmarked.write_text("no markers\n")
     assert not update_readme(unmarked, "| new |") and unmarked.read_text() == "no markers\n"
+
+
+def test_the_trainers_selection_is_read_from_either_file(tmp_path):
+    from experiments.run_records import read_selection
+
+    (tmp_path / "eval.json").write_text(json.dumps({"sft": {}, "selection": {"best_step": 3}}))  # the older format
+    assert read_selection(tmp_path) == {"best_step": 3}
+    (tmp_path / "selection.json").write_text(json.dumps({"best_step": 7, "metric": "ndcg@10"}))
+    assert read_selection(tmp_path) == {"best_step": 7, "metric": "ndcg@10"}
+    (tmp_path / "eval.json").write_text(json.dumps({"sft": {}}))
+    (tmp_path / "selection.json").unlink()
+    assert read_selection(tmp_path) == {}
