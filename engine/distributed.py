@@ -43,6 +43,18 @@ def start(device: str) -> None:
     dist.init_process_group("nccl" if device == "cuda" else "gloo", timeout=timedelta(hours=2))
 
 
+def stop(finished: bool) -> None:
+    """Leave the process group. A finished run first waits for every rank (a barrier), so that no
+    rank tears its connections down while another still uses them; a failed one leaves at once.
+    Leaving explicitly, instead of at interpreter exit, avoids gloo's background threads being
+    destroyed mid-shutdown ("terminate called without an active exception", SIGABRT)."""
+    if not dist.is_initialized():
+        return
+    if finished:
+        dist.barrier()
+    dist.destroy_process_group()
+
+
 def rank_and_size() -> tuple[int, int]:
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 

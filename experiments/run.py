@@ -498,7 +498,7 @@ def main(argv: list[str] | None = None) -> int:
     from engine.checkpoint import CheckpointError
     from engine.trainer import TrainingInterrupted
 
-    run_dir = None
+    run_dir, finished = None, False
     try:
         args = build_parser().parse_args(argv)
         if args.list:
@@ -528,6 +528,7 @@ def main(argv: list[str] | None = None) -> int:
         with claimed_run_directory(args, config) as run_dir:
             write_config(run_dir, config, {}, changes if args.resume else None)
             run_experiment(config, run_dir, data_dir=args.data_dir, resume=bool(args.resume))
+        finished = True
     except (UsageError, ExperimentError, CheckpointError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -540,6 +541,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"interrupted{'' if run_dir is None else f'; continue from the last checkpoint with --resume {run_dir}'}",
               file=sys.stderr)
         return 130
+    finally:
+        distributed.stop(finished)
     print(f"run directory: {run_dir}")
     return 0
 
