@@ -1,21 +1,9 @@
 """Atomic checkpoints and exact resume.
 
-A checkpoint `checkpoints/step_N/` holds everything the next step depends on:
-
-    model.safetensors, config.json, tokenizer files   (save_pretrained layout: loadable by transformers)
-    optimizer.pt         optimizer and LR-scheduler state
-    rng_state.pt         python, numpy and torch RNG states, and the sampler's torch.Generator
-    components.pt        the state of the strategy (its own parameters, e.g. a head, and any
-                         other state, e.g. a curriculum) and of the task (e.g. an item table)
-    trainer_state.json   step, prompt source, anything else the trainer needs, and the sha256 of
-                         every other file
-
-It is first written to `checkpoints/.tmp_step_N/` and renamed to `step_N` only when
-complete, so a crash mid-write never leaves a directory that looks complete. Only
-directories named `step_<int>` count when looking for the newest checkpoint; one whose
-files do not match their checksums (a disk that lost data) is renamed `damaged_step_N`
-and the one before it is used. Several processes (engine/distributed.py): the tensors
-are whole (gathered from FSDP2 shards), rank 0 writes, `rng_state.pt` holds every rank's.
+`checkpoints/step_N/` holds the model (save_pretrained layout), `optimizer.pt`, `rng_state.pt` (every rank's),
+`components.pt` (strategy and task state) and `trainer_state.json` (step, trainer state, the sha256 of every
+other file). It is written to `.tmp_step_N/` and renamed when complete; one that fails its checksums is renamed
+`damaged_step_N`. Details: docs/engine.md, section engine/checkpoint.py.
 """
 
 from __future__ import annotations
@@ -67,11 +55,8 @@ def restore_rng_state(state: dict, generator: torch.Generator | None) -> None:
 def save_checkpoint(run_dir: Path, step: int, model, tokenizer, optimizer: torch.optim.Optimizer, scheduler,
                     generator: torch.Generator | None, trainer_state: dict, components: dict | None = None,
                     keep_last: int | None = None, name: str | None = None) -> Path:
-    """Write `run_dir/checkpoints/<name>` (default `step_<step>`) atomically and return its path.
-
-    Only `step_<int>` directories count as resumable checkpoints and are pruned to `keep_last`;
-    another name (the best checkpoint on the validation split: "best") is kept as it is.
-    """
+    """Write `run_dir/checkpoints/<name>` (default `step_<step>`) atomically and return its path. Only `step_<int>`
+    directories are resumable and pruned to `keep_last`; another name (e.g. "best") is kept as it is."""
     checkpoints = Path(run_dir) / "checkpoints"
     name = name or f"step_{step}"
     final = checkpoints / name
@@ -149,9 +134,7 @@ def damaged_file(checkpoint: Path) -> str | None:
 def load_checkpoint(checkpoint: Path, model, optimizer: torch.optim.Optimizer | None, scheduler,
                     generator: torch.Generator | None) -> tuple[dict, dict]:
     """Restore weights, optimizer, scheduler and RNG states in place; return (trainer_state, components).
-
-    With `optimizer` None only the weights are restored (the RNG states too only with a generator).
-    """
+    With `optimizer` None only the weights are restored (the RNG states too only with a generator)."""
     from safetensors.torch import load_file
 
     checkpoint, sharded, wrapped = Path(checkpoint), is_sharded(model), model
@@ -165,10 +148,9 @@ def load_checkpoint(checkpoint: Path, model, optimizer: torch.optim.Optimizer | 
     # Tied weights (lm_head = embed_tokens) are stored once; anything else missing is an error.
     tied = {name for name in missing if name.endswith("lm_head.weight")} if model.config.tie_word_embeddings else set()
     if set(missing) - tied or unexpected:
-        raise CheckpointError(
-            f"checkpoint {checkpoint} does not match the model: missing {sorted(set(missing) - tied)}, "
-            f"unexpected {sorted(unexpected)}; resume with the same --model and config"
-        )
+        raise CheckpointError(f"checkpoint {checkpoint} does not match the model: missing "
+                              f"{sorted(set(missing) - tied)}, unexpected {sorted(unexpected)}; resume with the same "
+                              "--model and config")
     if optimizer is not None:
         optimizer_state = torch.load(checkpoint / "optimizer.pt", map_location="cpu", weights_only=False)
         if sharded:

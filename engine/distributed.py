@@ -1,21 +1,12 @@
 """Several processes (`torchrun --nproc_per_node N`): DDP or FSDP2, one process unchanged.
 
-Each rank samples its share of a step's prompts, whole groups (a group's advantages
-need all G completions), and back-propagates the loss of its own rows. DDP and FSDP2
-average gradients over the N ranks, so the learner divides by the step's global counts
-over N (`step_counts`): with C = sum_r C_r tokens (or rows) in the step,
+Each rank back-propagates the loss of its own rows divided by the step's global counts over N (`step_counts`);
+with C = sum_r C_r tokens (or rows) in the step, that is the gradient of the whole batch:
 
-    1/N sum_r grad( sum_{i in r} l_i / (C / N) ) = grad( sum_i l_i / C ),
+    1/N sum_r grad( sum_{i in r} l_i / (C / N) ) = grad( sum_i l_i / C )
 
-the gradient one process computes from the whole batch (engine/learner.py, engine/loss.py).
-
-FSDP2 (`fully_shard` on each decoder block, then on the whole model) shards weights,
-gradients and optimizer state. The sampler and the evaluation decode from whole weights:
-`full_weights` gathers every shard (`DTensor.full_tensor`) for the duration of a rollout.
-Checkpoints hold whole tensors (engine/checkpoint.py), written by rank 0.
-
-Without torchrun (no WORLD_SIZE > 1 in the environment) every function here is the
-one-process identity: rank 0 of 1.
+Without torchrun every function here is the one-process identity: rank 0 of 1.
+Details (FSDP2, whole weights for sampling): docs/engine.md, section engine/distributed.py.
 """
 
 from __future__ import annotations
@@ -44,10 +35,8 @@ def start(device: str) -> None:
 
 
 def stop(finished: bool) -> None:
-    """Leave the process group. A finished run first waits for every rank (a barrier), so that no
-    rank tears its connections down while another still uses them; a failed one leaves at once.
-    Leaving explicitly, instead of at interpreter exit, avoids gloo's background threads being
-    destroyed mid-shutdown ("terminate called without an active exception", SIGABRT)."""
+    """Leave the process group, after a barrier when the run `finished` (a failed one leaves at once); explicitly,
+    not at interpreter exit, where gloo's threads abort (docs/engine.md)."""
     if not dist.is_initialized():
         return
     if finished:

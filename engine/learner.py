@@ -7,25 +7,10 @@
                 loss       = policy_loss(logprobs, old, A, mask, unit ids, ref, normalisers of the whole slice)
                            + strategy.extra_loss(...) / rows of the slice
                 loss.backward()
-            clip grad norm, AdamW step, LR schedule step
+            clip grad norm, AdamW step, LR schedule step (skipped if the loss or gradient is not finite)
 
-Old log-probs. With one epoch and one mini-batch the update is on-policy: old
-log-probs are `logprobs.detach()`, so every ratio is exactly 1 and the gradient is
-A * grad log pi. Otherwise the policy's log-probs are recomputed once before the first
-update (no grad) and cached, so later passes see the true ratio pi_theta / pi_old.
-
-Normalisers. `policy_loss` gets the token and row counts of the whole optimizer step
-(the mini-batch), so the summed micro-batch losses equal the one-batch loss and the
-accumulated gradient equals the one-big-batch gradient. A strategy's `extra_loss` is
-a sum over its rows, divided here by the step's row count for the same reason.
-
-Non-finite guard: if the loss or the gradient norm is NaN/inf, the optimizer step is
-skipped (weights untouched) and counted in the metrics.
-
-Reference model. Its log-probs are computed under `torch.inference_mode` (no autograd
-bookkeeping at all). With `reference_offload` it lives in CPU memory and visits the
-policy's device only for that forward, which frees a full copy of the weights on the
-GPU for the price of two host-device copies per update.
+On-policy (one epoch, one mini-batch) the old log-probs are `logprobs.detach()`; otherwise they are recomputed
+once before the first update. Details: docs/engine.md, section engine/learner.py.
 """
 
 from __future__ import annotations
@@ -79,13 +64,8 @@ class LearnerConfig(LossConfig):
 
 @dataclass
 class Rewards:
-    """What the task said about each completion: values over a variable number of units per row.
-
-    values [B, U]: one reward per unit (U = 1 for one reward per completion, U = N for
-    per-rank rewards, U = lines for per-segment rewards); mask [B, U] bool: which units
-    exist in each row. `extras`: any further per-row tensors a strategy reads (e.g. target
-    item ids), each with B rows.
-    """
+    """What the task said about each completion: values [B, U] over a variable number of units per row (mask:
+    which exist), and `extras`, further per-row tensors a strategy reads (B rows each). Details: docs/engine.md."""
 
     values: Tensor  # [B, U] float32
     mask: Tensor  # [B, U] bool
@@ -151,8 +131,7 @@ def lr_multiplier(step: int, schedule: str, warmup_steps: int, total_steps: int)
 
 
 class Learner:
-    """Owns the optimizer and LR schedule of a policy (and of the strategy's own parameters);
-    `update` runs one RL update."""
+    """Owns the optimizer and LR schedule of a policy (and of the strategy's own parameters); `update` runs one."""
 
     def __init__(self, model, config: LearnerConfig, strategy, reference_model=None, total_optimizer_steps: int = 1):
         if config.kl_coef > 0 and reference_model is None:
@@ -170,14 +149,10 @@ class Learner:
             raise ValueError("a strategy with its own parameters (a head) trains under trainer.distributed=ddp or in "
                              "one process, not under fsdp2; use --set trainer.distributed=ddp")
         self.parameters = [p for p in model.parameters() if p.requires_grad] + self.strategy_parameters
-        self.optimizer = torch.optim.AdamW(
-            self.parameters, lr=config.lr, betas=(config.adam_beta1, config.adam_beta2),
-            weight_decay=config.weight_decay,
-        )
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer,
-            lambda step: lr_multiplier(step, config.lr_schedule, config.warmup_steps, total_optimizer_steps),
-        )
+        self.optimizer = torch.optim.AdamW(self.parameters, lr=config.lr, betas=(config.adam_beta1, config.adam_beta2),
+                                           weight_decay=config.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: lr_multiplier(
+            step, config.lr_schedule, config.warmup_steps, total_optimizer_steps))
 
     # ------------------------------------------------------------------
     def _autocast(self):

@@ -1,11 +1,7 @@
 """Run logging: `metrics.jsonl`, tensorboard scalars and sample texts, and a tqdm bar.
 
-`metrics.jsonl` has one JSON object per step (plus eval rows tagged `"eval": true`).
-On resume the file is cut back to the rows written before the checkpoint it resumes
-from (every row of an earlier step, and the rows of the checkpoint's own step except the
-test evaluation, which comes after the final checkpoint; none without a checkpoint), so
-a resumed run's file reads as if it had never stopped. A line torn by a crash is dropped
-with a warning. Only rank 0 of several processes writes (`active`).
+On resume `metrics.jsonl` is cut back to the rows written before the checkpoint, so it reads as if the run had
+never stopped; only rank 0 writes. Details: docs/engine.md, section engine/logging.py.
 """
 
 from __future__ import annotations
@@ -42,11 +38,9 @@ class RunLogger:
                 self.writer.add_scalar(key, value, step)
         if not metrics.get("eval"):
             self.progress.update(1)
-            self.progress.set_postfix(
-                reward=f"{metrics.get('reward_mean', float('nan')):.3f}",
-                kl=f"{metrics.get('kl', 0.0):.4f}",
-                tok_s=f"{metrics.get('tokens_per_s', 0.0):.0f}",
-            )
+            self.progress.set_postfix(reward=f"{metrics.get('reward_mean', float('nan')):.3f}",
+                                      kl=f"{metrics.get('kl', 0.0):.4f}",
+                                      tok_s=f"{metrics.get('tokens_per_s', 0.0):.0f}")
 
     def log_text(self, tag: str, text: str, step: int) -> None:
         if self.active:  # Markdown in tensorboard: keep line breaks inside a code block.

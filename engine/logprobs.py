@@ -1,37 +1,11 @@
 """Per-token log-probs of completions under a model (the "recompute").
 
-For a completion token y_t that follows the context c_t (prompt + y_<t):
-
     log pi(y_t | c_t) = z[y_t] / tau - logsumexp(z / tau)        z = lm_head(h_t)
+    d log pi(y_t) / dz = (onehot(y_t) - p) / tau        dh = dz W        dW = dz^T h,    p = softmax(z / tau)
 
-This is the *selective* log-softmax: gather the chosen logit, subtract the
-log-normaliser. The full [B, T, V] fp32 log-softmax is never built: the hidden
-states of the completion positions go through `lm_head` in chunks of `chunk_size`
-positions, so the extra memory is O(B * chunk_size * V). The backward, with g the
-gradient of log pi(y_t) and p = softmax(z / tau) = exp(z / tau - logsumexp(z / tau)):
-
-    d log pi(y_t) / dz = (onehot(y_t) - p) / tau        dh = dz W        dW = dz^T h
-
-(p is 0 where a constraint put -inf). A completion that fits in one chunk keeps p for
-the backward, which builds dz over it in place; with more chunks each keeps only its
-log-normalisers and recomputes its logits in the backward (one more LM-head product).
-The entropy -sum p log p = lse - sum p z / tau comes from the same logits (`with_entropy`).
-
-The model is reached through its own `forward` (so DDP / FSDP2 wrappers, which hook
-`forward`, see every call): it runs with `logits_to_keep=1` (one position of logits,
-not S + T), and a forward hook on the decoder backbone keeps its output, the final
-hidden states [B, S + T, H]. A strategy may ask for the hidden state *at* chosen
-completion tokens (`hidden_positions`; RecPO's head reads the state after `<answer>`);
-they come from this same forward.
-
-A sampler's `logits_hook` (constrained decoding) is applied to the logits of every
-chunk exactly as the sampler applied it to each step's logits, so the recomputed
-log-probs are those of the same constrained distribution.
-
-Inputs follow the sampler's layout: left-padded prompts, right-padded completions.
-The attention mask is the concatenation of both masks and the position ids are
-`cumsum(mask) - 1`, exactly as at sampling time, so recomputed log-probs equal the
-sampler's `old_logprobs` (the consistency test holds them within 1e-5 in fp32).
+A selective log-softmax over chunks of `chunk_size` positions (never the full [B, T, V]), with the sampler's
+`logits_hook` and layout (position ids `cumsum(mask) - 1`), so it equals the sampler's `old_logprobs`.
+Details: docs/engine.md, section engine/logprobs.py.
 """
 
 from __future__ import annotations
@@ -132,10 +106,9 @@ def completion_logprobs(model, prompt_ids: Tensor, prompt_mask: Tensor, completi
                         logits_hook: LogitsHook | None = None, prompt_indices: Tensor | None = None) -> TokenScores:
     """Log-probs of each completion token, [B, T]; positions outside the mask are 0.
 
-    prompt_ids/prompt_mask [B, S] (left-padded), completion_ids/completion_mask [B, T].
-    `temperature` must be the sampling temperature (1.0 for greedy rollouts).
-    `hidden_positions` [B] long: completion columns whose own hidden state to return.
-    `logits_hook` / `prompt_indices` [B]: the sampler's constraint and the rows' prompts.
+    prompt_ids/prompt_mask [B, S] (left-padded), completion_ids/completion_mask [B, T]. `temperature`: the sampling
+    one (1.0 for greedy rollouts). `hidden_positions` [B] long: completion columns whose own hidden state to
+    return. `logits_hook` / `prompt_indices` [B]: the sampler's constraint and the rows' prompts.
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0 for log-probs, got {temperature}")
@@ -153,8 +126,7 @@ def completion_logprobs(model, prompt_ids: Tensor, prompt_mask: Tensor, completi
     if hidden_positions is not None:
         rows = torch.arange(all_hidden.shape[0], device=all_hidden.device)
         hidden_at = all_hidden[rows, prompt_length + hidden_positions]  # [B, H]
-    # The hidden state at position i predicts token i + 1: completion token t is
-    # predicted from position S - 1 + t.
+    # The hidden state at position i predicts token i + 1: completion token t, from position S - 1 + t.
     hidden = all_hidden[:, prompt_length - 1 : prompt_length - 1 + completion_length]  # [B, T, H]
 
     lm_head = unwrap_model(model).get_output_embeddings()

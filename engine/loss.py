@@ -1,35 +1,27 @@
 """The shared policy-gradient math: advantages, pooled ratios, clipped surrogate, KL, aggregation.
 
-`policy_loss` is the whole objective of one micro-batch: tensors and the loss settings in,
-the scalar loss and its metrics out. Per token t of row i, with log-ratio
-rho_{i,t} = log pi_theta(y_t) - log pi_old(y_t), pooled over the token's credit unit when
-the strategy's ratio is a unit ratio (GSPO's sequence, Rank-GRPO's list item: the mean
-log-ratio of the unit, i.e. the log of the geometric mean of its token ratios), and
-advantage A_{i,t}:
+`policy_loss` is the whole objective of one micro-batch. Per token t of row i, with log-ratio
+rho_{i,t} = log pi_theta(y_t) - log pi_old(y_t) (for a unit ratio, GSPO / Rank-GRPO: the mean rho of the
+token's credit unit) and advantage A_{i,t}:
 
     r_{i,t}   = exp(clamp(rho_{i,t}, -20, 20))
     surr_{i,t} = -min(r A, clamp(r, 1 - eps_low, 1 + eps_high) A)          (PPO / GRPO / DAPO)
     dual clip (A < 0 only):  surr_{i,t} = min(surr_{i,t}, -c A)              (Ye et al. 2019, c > 1)
     loss_{i,t} = surr_{i,t} + beta * KL_{i,t}
 
-KL estimators of KL(pi || pi_ref) from a sample y ~ pi, with d = log pi_ref(y) - log pi(y)
-(Schulman, "Approximating KL divergence"):
+KL estimators of KL(pi || pi_ref) from y ~ pi, d = log pi_ref(y) - log pi(y) (Schulman, "Approximating KL
+divergence"):
 
     k1 = -d          k2 = d^2 / 2          k3 = exp(d) - d - 1  (>= 0, unbiased, low variance)
 
-Aggregation over the masked tokens of one optimizer step (names as in verl):
+Aggregation over the masked tokens of one optimizer step (names as in verl; counts of the *whole* step):
 
     token_mean               sum_{i,t} m loss / sum_{i,t} m                       (DAPO)
     seq_mean_token_mean      (1/B) sum_i [ sum_t m loss / sum_t m ]                (GRPO paper, GSPO)
     seq_mean_token_sum_norm  (1/B) sum_i [ sum_t m loss ] / L_max                  (Dr. GRPO)
     seq_mean_unit_mean       (1/B) sum_i (1/N) sum_u [ mean_{t in u} loss ]        (Rank-GRPO paper)
 
-The denominators (token count, row count) are those of the *whole* optimizer step,
-passed in by the learner, so the sum of micro-batch losses equals the one-batch
-loss and gradient accumulation is exact.
-
-Group advantages (GRPO): rewards of the G samples of a prompt are centred on
-the group mean and divided by the unbiased std plus eps:
+Group advantages (GRPO; per-rank rewards [B, N] rank by rank), with the unbiased std:
 
     A_i = (R_i - mean_g R) / (std_g R + eps)     scale = group
     A_i = (R_i - mean_g R) / (std_B R + eps)     scale = batch (std over the whole batch)
@@ -37,7 +29,7 @@ the group mean and divided by the unbiased std plus eps:
     A_i =  R_i - mean_{j != i} R_j               scale = leave_one_out  (RLOO, Ahmadian et al. 2024,
          = G / (G - 1) (R_i - mean_g R)                   arXiv 2402.14740, Eq. 7)
 
-Per-rank rewards [B, N] are normalised rank by rank across the group.
+Details: docs/engine.md, section engine/loss.py; worked numbers: docs/losses.md.
 """
 
 from __future__ import annotations
@@ -80,17 +72,10 @@ class LossConfig:
         check(self.kl_coef >= 0, "kl_coef", self.kl_coef, "must be >= 0")
 
 
-# ---------------------------------------------------------------------------
-# advantages
-# ---------------------------------------------------------------------------
-
-
+# --- advantages ---
 def group_advantages(rewards: Tensor, group_ids: Tensor, scale: str = "group", eps: float = 1e-4) -> Tensor:
-    """Group-relative advantages of rewards [B] or per-rank rewards [B, N].
-
-    group_ids [B]: prompt index of each row (any integers; rows need not be sorted).
-    Std is unbiased (n - 1); a group of one sample gets advantage 0 (every scale).
-    """
+    """Group-relative advantages of rewards [B] or per-rank rewards [B, N]; group_ids [B]: prompt index of each
+    row (any integers, unsorted). Std is unbiased (n - 1); a group of one sample gets advantage 0 (every scale)."""
     if scale not in ADVANTAGE_SCALES:
         raise ValueError(f"unknown advantage scale {scale!r}; choose one of {ADVANTAGE_SCALES}")
     if rewards.shape[0] != group_ids.shape[0]:
@@ -120,7 +105,8 @@ def group_advantages(rewards: Tensor, group_ids: Tensor, scale: str = "group", e
         group_std = (squares / (counts - 1).clamp(min=1)).sqrt()[group_index]  # [B, N]
         advantages = centred / (group_std + eps)
     else:  # batch
-        batch_std = rewards.std(dim=0, unbiased=True, keepdim=True) if rewards.shape[0] > 1 else torch.zeros_like(rewards[:1])
+        batch_std = (rewards.std(dim=0, unbiased=True, keepdim=True) if rewards.shape[0] > 1
+                     else torch.zeros_like(rewards[:1]))
         advantages = centred / (batch_std + eps)
     advantages = advantages.float()
     return advantages[:, 0] if squeeze else advantages
@@ -128,9 +114,7 @@ def group_advantages(rewards: Tensor, group_ids: Tensor, scale: str = "group", e
 
 def group_reward_spread(values: Tensor, mask: Tensor, group_ids: Tensor) -> Tensor:
     """[P] bool, in group order: whether any unit's reward differs inside each group of rows.
-
-    values, mask [B, U]; group_ids [B]. No spread means every advantage of the group is 0.
-    """
+    values, mask [B, U]; group_ids [B]. No spread means every advantage of the group is 0."""
     values = values.masked_fill(~mask, 0.0)  # [B, U]
     _, group_index = torch.unique(group_ids, return_inverse=True)  # [B]
     index = group_index[:, None].expand_as(values)
@@ -140,18 +124,10 @@ def group_reward_spread(values: Tensor, mask: Tensor, group_ids: Tensor) -> Tens
     return (high > low).any(dim=1)
 
 
-# ---------------------------------------------------------------------------
-# pooling a per-token quantity over credit units
-# ---------------------------------------------------------------------------
-
-
+# --- pooling a per-token quantity over credit units ---
 def _scatter_over_units(values: Tensor, unit_ids: Tensor, num_units: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Sum and count of `values` per (row, unit).
-
-    Returns (sums [B * num_units], counts [B * num_units], flat_index [B, T]) where
-    flat_index = row * num_units + unit locates each token's (row, unit) slot.
-    Tokens with unit id -1 add nothing.
-    """
+    """Sum and count of `values` per (row, unit): (sums [B * num_units], counts [B * num_units], flat_index [B, T]),
+    flat_index = row * num_units + unit locating each token's slot. Tokens with unit id -1 add nothing."""
     if values.shape != unit_ids.shape:
         raise ValueError(f"values {tuple(values.shape)} and unit_ids {tuple(unit_ids.shape)} differ in shape")
     if unit_ids.numel() and int(unit_ids.max()) >= num_units:
@@ -167,12 +143,8 @@ def _scatter_over_units(values: Tensor, unit_ids: Tensor, num_units: int) -> tup
 
 
 def unit_mean(values: Tensor, unit_ids: Tensor, num_units: int) -> Tensor:
-    """Masked mean of `values` inside each (row, unit), broadcast back to the unit's tokens.
-
-    values [B, T]; unit_ids [B, T] long in 0..num_units-1, or -1 for tokens without
-    credit (they get 0). Vectorised with one `index_add` over row * num_units + unit.
-    Gradients flow to every token of a unit with weight 1 / |unit|.
-    """
+    """Masked mean of `values` [B, T] inside each (row, unit), broadcast back to the unit's tokens; unit_ids [B, T]
+    long in 0..num_units-1, or -1 for tokens without credit (they get 0). Gradient weight 1 / |unit| per token."""
     sums, counts, flat_index = _scatter_over_units(values, unit_ids, num_units)
     means = sums / counts.clamp(min=1)  # [B * num_units]
     return means[flat_index] * (unit_ids >= 0)  # [B, T]
@@ -185,23 +157,11 @@ def unit_sizes(unit_ids: Tensor, num_units: int) -> Tensor:
     return counts[flat_index] * (unit_ids >= 0)
 
 
-# ---------------------------------------------------------------------------
-# surrogate and KL
-# ---------------------------------------------------------------------------
-
-
-def clipped_surrogate(
-    log_ratio: Tensor,
-    advantages: Tensor,
-    clip_ratio_low: float,
-    clip_ratio_high: float,
-    clip_ratio_c: float | None = None,
-) -> tuple[Tensor, Tensor]:
-    """Per-token PPO loss -min(r A, clip(r) A) (with optional dual clip) and a clipped-token mask.
-
-    log_ratio, advantages: [B, T]. Returns (loss [B, T], clipped [B, T] bool), where
-    `clipped` marks tokens whose gradient the clip removed (or the dual clip capped).
-    """
+# --- surrogate and KL ---
+def clipped_surrogate(log_ratio: Tensor, advantages: Tensor, clip_ratio_low: float, clip_ratio_high: float,
+                      clip_ratio_c: float | None = None) -> tuple[Tensor, Tensor]:
+    """Per-token PPO loss -min(r A, clip(r) A) (with optional dual clip) of log_ratio, advantages [B, T]: (loss
+    [B, T], clipped [B, T] bool), `clipped` marking tokens whose gradient the clip removed (or the dual clip capped)."""
     ratio = torch.exp(log_ratio.clamp(-LOG_RATIO_LIMIT, LOG_RATIO_LIMIT))  # [B, T]
     clipped_ratio = ratio.clamp(1.0 - clip_ratio_low, 1.0 + clip_ratio_high)
     unclipped_loss = -ratio * advantages
@@ -230,30 +190,13 @@ def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, kind: str = "k3") -> Tens
     raise ValueError(f"unknown KL estimator {kind!r}; choose one of {KL_ESTIMATORS}")
 
 
-# ---------------------------------------------------------------------------
-# aggregation
-# ---------------------------------------------------------------------------
-
-
-def aggregate(
-    loss: Tensor,
-    mask: Tensor,
-    mode: str,
-    *,
-    num_tokens: float | None = None,
-    num_sequences: float | None = None,
-    max_length: int | None = None,
-    unit_ids: Tensor | None = None,
-    num_units: int | None = None,
-) -> Tensor:
-    """Reduce a per-token loss [B, T] to a scalar (see the module docstring for each mode).
-
-    `num_tokens` / `num_sequences` are the mask sum and row count of the *whole*
-    optimizer step (all micro-batches, all ranks); they default to this batch's.
-    `max_length` is Dr. GRPO's constant L_max. `unit_ids` / `num_units` are needed by
-    `seq_mean_unit_mean` (N = num_units counts only scored units, e.g. list ranks;
-    tokens of a unit id >= N, such as an overflow bin, still add their unit mean).
-    """
+# --- aggregation ---
+def aggregate(loss: Tensor, mask: Tensor, mode: str, *, num_tokens: float | None = None,
+              num_sequences: float | None = None, max_length: int | None = None, unit_ids: Tensor | None = None,
+              num_units: int | None = None) -> Tensor:
+    """Reduce a per-token loss [B, T] to a scalar (the modes: module docstring). `num_tokens` / `num_sequences`:
+    mask sum and row count of the *whole* optimizer step (default: this batch's); `max_length`: Dr. GRPO's L_max;
+    `unit_ids` / `num_units`: for `seq_mean_unit_mean` (N = num_units scored units; docs/engine.md)."""
     mask = mask.to(loss.dtype)
     if num_tokens is None:
         num_tokens = float(mask.sum())
@@ -280,46 +223,24 @@ def aggregate(
     raise ValueError(f"unknown loss_agg_mode {mode!r}; choose one of {AGGREGATION_MODES}")
 
 
-# ---------------------------------------------------------------------------
-# the objective of one micro-batch
-# ---------------------------------------------------------------------------
-
-
-def policy_loss(
-    logprobs: Tensor,
-    old_logprobs: Tensor,
-    advantages: Tensor,
-    mask: Tensor,
-    config: LossConfig,
-    *,
-    unit_ids: Tensor | None = None,
-    ratio_level: str = "token",
-    num_units: int | None = None,
-    ref_logprobs: Tensor | None = None,
-    num_tokens: float | None = None,
-    num_sequences: float | None = None,
-) -> tuple[Tensor, dict[str, Tensor]]:
+# --- the objective of one micro-batch ---
+def policy_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, config: LossConfig, *,
+                unit_ids: Tensor | None = None, ratio_level: str = "token", num_units: int | None = None,
+                ref_logprobs: Tensor | None = None, num_tokens: float | None = None,
+                num_sequences: float | None = None) -> tuple[Tensor, dict[str, Tensor]]:
     """The clipped-ratio policy loss with KL, aggregated; returns (loss, metrics).
 
-    logprobs [B, T] (grad flows), old_logprobs [B, T], advantages [B, T], mask [B, T] bool,
-    ref_logprobs [B, T] (needed when config.kl_coef > 0), unit_ids [B, T] long (-1 = no
-    unit; needed by ratio_level "unit" and by loss_agg_mode seq_mean_unit_mean, whose
-    divisor is `num_units`). `ratio_level`: "token" (each token its own ratio) or "unit"
-    (the unit's geometric-mean ratio). `num_tokens` / `num_sequences`: the normalisers of
-    the whole optimizer step (default: this batch's), so that summed micro-batch losses
-    equal the one-batch loss.
-
-    Metrics are detached sums over the masked tokens, so a caller can add them up over
-    micro-batches: "tokens", "clipped_tokens", "kl_sum", "ratio_sum", and "ratio_max",
-    "ratio_min" (of the ratio each token uses).
+    logprobs [B, T] (grad flows), old_logprobs, advantages, mask (bool), ref_logprobs (when kl_coef > 0) [B, T];
+    unit_ids [B, T] long (-1 = no unit) for ratio_level "unit" (the unit's geometric-mean ratio; "token": each
+    token its own) and for seq_mean_unit_mean (divisor `num_units`). `num_tokens` / `num_sequences`: the whole
+    optimizer step's normalisers (default: this batch's). Metrics are detached sums over the masked tokens, to be
+    added up over micro-batches: "tokens", "clipped_tokens", "kl_sum", "ratio_sum", "ratio_max", "ratio_min".
     """
     check_choice("ratio_level", ratio_level, RATIO_LEVELS)
     mask = mask.bool()
     if not logprobs.shape == old_logprobs.shape == advantages.shape == mask.shape:
-        raise ValueError(
-            f"logprobs {tuple(logprobs.shape)}, old_logprobs {tuple(old_logprobs.shape)}, advantages "
-            f"{tuple(advantages.shape)} and mask {tuple(mask.shape)} must all be [B, T]"
-        )
+        raise ValueError(f"logprobs {tuple(logprobs.shape)}, old_logprobs {tuple(old_logprobs.shape)}, advantages "
+                         f"{tuple(advantages.shape)} and mask {tuple(mask.shape)} must all be [B, T]")
     log_ratio = (logprobs - old_logprobs).masked_fill(~mask, 0.0)  # [B, T]; zero on padding before any exp
     if ratio_level == "unit" or config.loss_agg_mode == "seq_mean_unit_mean":
         if unit_ids is None:
@@ -328,9 +249,8 @@ def policy_loss(
     if ratio_level == "unit":
         num_bins = int(unit_ids.max()) + 1 if unit_ids.numel() else 1
         log_ratio = unit_mean(log_ratio, unit_ids, max(num_bins, 1))  # [B, T] log geometric-mean ratio of the unit
-    per_token, clipped = clipped_surrogate(
-        log_ratio, advantages, config.clip_ratio_low, config.clip_ratio_high, config.clip_ratio_c
-    )  # [B, T]
+    per_token, clipped = clipped_surrogate(log_ratio, advantages, config.clip_ratio_low, config.clip_ratio_high,
+                                           config.clip_ratio_c)  # [B, T]
     kl_sum = torch.zeros((), device=logprobs.device)
     if config.kl_coef > 0:
         if ref_logprobs is None:
@@ -338,10 +258,8 @@ def policy_loss(
         kl = kl_penalty(logprobs, ref_logprobs, config.kl_loss_type)  # [B, T]
         per_token = per_token + config.kl_coef * kl
         kl_sum = (kl.detach() * mask).sum()
-    loss = aggregate(
-        per_token, mask, config.loss_agg_mode, num_tokens=num_tokens, num_sequences=num_sequences,
-        max_length=config.loss_max_length, unit_ids=unit_ids, num_units=num_units,
-    )
+    loss = aggregate(per_token, mask, config.loss_agg_mode, num_tokens=num_tokens, num_sequences=num_sequences,
+                     max_length=config.loss_max_length, unit_ids=unit_ids, num_units=num_units)
     ratio = log_ratio.detach().clamp(-LOG_RATIO_LIMIT, LOG_RATIO_LIMIT).exp()  # [B, T]
     any_token = mask.any()  # masked reductions, not ratio[mask]: no host sync, the metrics stay on the device
     metrics = {

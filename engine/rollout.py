@@ -1,36 +1,13 @@
 """KV-cache sampler: prompts in, a `Rollout` of G completions per prompt out.
 
-Algorithm (one call of `sample`):
+Left-padded prompts [P, S] are prefilled once and expanded to B = P * G rows, groups contiguous
+(`row = p * G + g`). Each step draws one token per row from softmax(hook(logits) / temperature), optionally
+top-k / top-p filtered (or the argmax: `greedy`); a row stops at its first EOS, which is kept. Recorded:
 
-1. Prompts arrive left-padded, `prompt_ids [P, S]` with `prompt_mask [P, S]`.
-   Position ids come from the mask (`cumsum(mask) - 1`), so padding never shifts RoPE.
-2. Each prompt is prefilled once; its KV cache is then expanded to G rows, so a
-   batch holds `B = P * G` rows and the rows of one group are contiguous
-   (`row = p * G + g`, `group_ids[row] = p`).
-3. Decoding draws one token per row per step from `softmax(logits / temperature)`,
-   optionally restricted to the top-k tokens and to the top-p nucleus, with a
-   `torch.Generator` so runs are reproducible (or takes the argmax: `greedy`).
-   An optional `logits_hook` (constrained decoding) sets disallowed tokens to -inf
-   before anything else.
-4. A row stops at its first EOS (the EOS is kept: it is an action the policy took);
-   later positions are padding with `completion_mask = 0`. Finished rows are dropped
-   from the decoder batch (once a quarter of it has finished on a CPU, three quarters
-   on a GPU), so they stop costing compute. The batch stops when every row is done or
-   after `max_new_tokens`.
-5. `old_logprobs[b, t] = log softmax(hook(logits) / temperature)[token]` over the full
-   vocabulary (not the top-k / top-p renormalised distribution), which is exactly
-   what `engine.logprobs.completion_logprobs` recomputes. Greedy rollouts record the
-   log-probs at temperature 1.
+    old_logprobs[b, t] = log softmax(hook(logits) / temperature)[token]     (full vocabulary; greedy: tau = 1)
 
-Masks, not token ids, decide what counts: the pad id may equal the EOS id.
-
-The decoder. The plain path is `TransformersDecoder` below: the model's own forward
-with a transformers `DynamicCache`, one call per step. A caller may pass an accelerator
-with the same three methods (prefill, decode, keep_rows) through `make_decoder`: the
-experiments pass `fastdecode.fast_decoder`, a lean Llama / Qwen2 forward with fused
-weights, a preallocated cache and, on GPUs, a CUDA-graph decode step (3x
-`model.generate` on CPU, 5x on an H200; README). The loop never waits for the device
-except every `check_every` steps, when it looks for finished rows.
+exactly what `engine.logprobs.completion_logprobs` recomputes. Masks, not token ids, decide what counts.
+Details (the decoders, dropping finished rows, drawing a token): docs/engine.md, section engine/rollout.py.
 """
 
 from __future__ import annotations
@@ -58,10 +35,8 @@ class SamplingConfig:
     temperature: float = 1.0  # > 0; greedy decoding is `sample(..., greedy=True)`
     top_p: float = 1.0  # 1.0 = no nucleus filtering
     top_k: int = 0  # 0 = no top-k filtering
-    # precision of the decoder's weight snapshot and KV cache: "model" (the policy's
-    # own dtype), a dtype name (fast decoder only), or "auto": bfloat16 when the fast
-    # decoder samples an fp32 model on CUDA (the learner recomputes the log-probs it
-    # trains on anyway), else the model's own.
+    # decoder weights and KV cache: "model" (its own dtype), a dtype name (fast decoder only), or "auto":
+    # bfloat16 when the fast decoder samples an fp32 model on CUDA, else the model's own (docs/engine.md)
     dtype: str = "auto"
     cuda_graphs: bool = True  # the fast decoder on CUDA replays its decode step as a CUDA graph
 
@@ -99,15 +74,14 @@ class Rollout:
 
     def select_rows(self, rows: Tensor) -> "Rollout":
         """The rollout restricted to `rows` (a [K] long index); group ids are kept as they are."""
-        tensors = {f.name: getattr(self, f.name)[rows] for f in fields(self) if isinstance(getattr(self, f.name), Tensor)}
+        tensors = {f.name: getattr(self, f.name)[rows] for f in fields(self)
+                   if isinstance(getattr(self, f.name), Tensor)}
         return replace(self, **tensors)
 
     @staticmethod
     def concatenate(rollouts: list["Rollout"]) -> "Rollout":
-        """Stack rollouts row-wise, re-padding prompts (left) and completions (right).
-
-        Group ids of later rollouts are offset so groups stay distinct and contiguous.
-        """
+        """Stack rollouts row-wise, re-padding prompts (left) and completions (right); group ids of later
+        rollouts are offset so groups stay distinct and contiguous."""
         if not rollouts:
             raise ValueError("cannot concatenate an empty list of rollouts")
         if len({(r.temperature, r.logits_hook) for r in rollouts}) != 1:
@@ -138,11 +112,8 @@ class Rollout:
 
 
 class TransformersDecoder:
-    """The plain decoder: the model's own forward with a transformers `DynamicCache`.
-
-    prefill(ids [P, S], mask [P, S], repeats) -> last logits [P * repeats, V];
-    decode(tokens [A]) -> next logits [A, V]; keep_rows(rows [A']) drops finished rows.
-    """
+    """The plain decoder: the model's own forward with a transformers `DynamicCache`. prefill(ids [P, S], mask
+    [P, S], repeats) -> last logits [P * repeats, V]; decode(tokens [A]) -> next logits [A, V]; keep_rows(rows [A'])."""
 
     def __init__(self, model, max_batch_size: int, max_total_length: int):
         from transformers import DynamicCache
@@ -197,12 +168,8 @@ def transformers_decoder(model, max_batch_size: int, max_total_length: int, conf
 
 
 def filter_logits(logits: Tensor, top_k: int, top_p: float) -> Tensor:
-    """Set logits outside the top-k tokens and outside the top-p nucleus to -inf.
-
-    logits: [B, V] (already divided by the temperature). The nucleus is the smallest
-    set of most likely tokens whose probability reaches `top_p`; the most likely token
-    is always kept.
-    """
+    """Set logits [B, V] (already / temperature) outside the top-k tokens and outside the top-p nucleus (the
+    smallest set of most likely tokens whose probability reaches `top_p`) to -inf; the most likely is always kept."""
     if top_k > 0 and top_k < logits.shape[-1]:
         kth_largest = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # [B, 1]
         logits = logits.masked_fill(logits < kth_largest, float("-inf"))
@@ -217,20 +184,16 @@ def filter_logits(logits: Tensor, top_k: int, top_p: float) -> Tensor:
 
 
 def sample_categorical(probs: Tensor, generator: torch.Generator | None = None) -> Tensor:
-    """One index per row of ``probs`` [B, V] (non-negative, need not sum to 1), drawn
-    with probability ``probs[b, i] / probs[b].sum()``: the distribution of
-    ``torch.multinomial(probs, 1).squeeze(1)``, by whichever exact method is cheapest
-    on the device. Zero-probability entries are never drawn."""
+    """One index per row of ``probs`` [B, V] (>= 0, need not sum to 1), drawn as ``torch.multinomial(probs, 1)``
+    would, by the exact method cheapest on the device (docs/engine.md). Zero-probability entries are never drawn."""
     if probs.device.type == "cuda":
         return sample_exponential_race(probs, generator)
     return sample_inverse_cdf(probs, generator)
 
 
 def sample_inverse_cdf(probs: Tensor, generator: torch.Generator | None = None) -> Tensor:
-    """Inverse CDF: float64 cumsum + one uniform per row + searchsorted. On CPU ~20x
-    cheaper than ``torch.multinomial`` (at C0, 32 x 4096, multinomial costs ~2 ms per
-    step, more than a whole decode step). ``right=True`` picks the first index whose cdf
-    exceeds u * total, so zero-probability entries are never drawn."""
+    """Inverse CDF: float64 cumsum + one uniform per row + searchsorted (on CPU ~20x cheaper than multinomial).
+    ``right=True`` picks the first index whose cdf exceeds u * total: zero-probability entries are never drawn."""
     cdf = probs.to(torch.float64).cumsum_(-1)                                             # [B, V]
     u = torch.rand(probs.shape[0], 1, dtype=torch.float64, device=probs.device, generator=generator)
     idx = torch.searchsorted(cdf, u.mul_(cdf[:, -1:]), right=True).squeeze(1)             # [B]
@@ -238,14 +201,8 @@ def sample_inverse_cdf(probs: Tensor, generator: torch.Generator | None = None) 
 
 
 def sample_exponential_race(probs: Tensor, generator: torch.Generator | None = None) -> Tensor:
-    """Exponential race: with E_i ~ Exp(1) independent, E_i / p_i ~ Exp(rate p_i), and the
-    smallest of independent exponentials is index i with probability p_i / sum(p); so
-    argmax p_i / E_i is an exact draw. Three element-wise passes and a row argmax, no
-    scan: on a GPU ~10x cheaper than the float64 cumsum of the inverse CDF at a 152k
-    vocabulary. Done in fp32 (bf16 draws would tie). E is clamped away from 0 so that
-    p = 0 gives 0 / E = 0, never NaN. A row with no positive entry (all zero, or NaN
-    from a diverged model) gives index 0; its log-prob is then NaN or -inf, which the
-    learner's non-finite guard catches."""
+    """Exponential race: argmax p_i / E_i with E_i ~ Exp(1) is an exact draw (no scan; on a GPU ~10x cheaper
+    than the inverse CDF). fp32; E clamped away from 0, so p = 0 gives 0, never NaN. Why: docs/engine.md."""
     probs = probs.float()
     race = torch.empty_like(probs).exponential_(generator=generator)                      # [B, V]
     race.clamp_(min=torch.finfo(race.dtype).tiny)
@@ -253,20 +210,10 @@ def sample_exponential_race(probs: Tensor, generator: torch.Generator | None = N
 
 
 @torch.no_grad()  # not inference_mode: the learner later uses these tensors under autograd
-def sample(
-    model,
-    prompt_ids: Tensor,
-    prompt_mask: Tensor,
-    group_size: int,
-    config: SamplingConfig,
-    eos_token_ids: list[int],
-    pad_token_id: int,
-    generator: torch.Generator | None = None,
-    greedy: bool = False,
-    logits_hook: LogitsHook | None = None,
-    prompt_indices: Tensor | None = None,
-    make_decoder: DecoderFactory | None = None,
-) -> Rollout:
+def sample(model, prompt_ids: Tensor, prompt_mask: Tensor, group_size: int, config: SamplingConfig,
+           eos_token_ids: list[int], pad_token_id: int, generator: torch.Generator | None = None, greedy: bool = False,
+           logits_hook: LogitsHook | None = None, prompt_indices: Tensor | None = None,
+           make_decoder: DecoderFactory | None = None) -> Rollout:
     """Sample `group_size` completions for each left-padded prompt.
 
     prompt_ids, prompt_mask: [P, S]; prompt_indices [P]: the task's index of each prompt
@@ -274,10 +221,8 @@ def sample(
     decoding (default `transformers_decoder`). Returns a `Rollout` with B = P * group_size rows.
     """
     if prompt_ids.dim() != 2 or prompt_ids.shape != prompt_mask.shape:
-        raise ValueError(
-            f"prompt_ids and prompt_mask must both be [P, S]; got {tuple(prompt_ids.shape)} "
-            f"and {tuple(prompt_mask.shape)}"
-        )
+        raise ValueError(f"prompt_ids and prompt_mask must both be [P, S]; got {tuple(prompt_ids.shape)} "
+                         f"and {tuple(prompt_mask.shape)}")
     if prompt_ids.shape[0] == 0:
         raise ValueError("no prompts to sample from")
     prompt_mask = prompt_mask.bool()
@@ -304,13 +249,8 @@ def sample(
     completion_mask = torch.zeros((batch_size, max_new_tokens), dtype=torch.bool, device=device)
     old_logprobs = torch.zeros((batch_size, max_new_tokens), dtype=torch.float32, device=device)
     done = torch.zeros(batch_size, dtype=torch.bool, device=device)  # [B]
-    # The decoder holds only the rows still generating: `decoder_rows[a]` is the batch
-    # row of decoder row a. Finished rows are dropped (`keep_rows`) so they stop costing
-    # compute: on a CPU, where a step costs in proportion to its rows, once a quarter of
-    # them are done; on a GPU, where a step costs about the same whatever the rows (it
-    # reads every weight once) and a new row count means capturing new CUDA graphs, once
-    # three quarters are done. Checking for finished rows needs a device->host sync; on
-    # GPUs it happens every few steps.
+    # The decoder holds only the rows still generating (`decoder_rows[a]`: the batch row of decoder row a);
+    # finished rows are dropped once a quarter (CPU) or three quarters (GPU) are done (docs/engine.md).
     decoder_rows = torch.arange(batch_size, device=device)  # [A]
     check_every, compact_below = (1, 0.75) if device.type == "cpu" else (8, 0.25)
 

@@ -1,14 +1,8 @@
-"""Supervised warm start (behaviour cloning) on prompt -> demonstration pairs.
-
-Minimises the negative log-likelihood of the demonstration tokens only (the
-prompt is context, not a target), with the EOS token included so the model
-learns where an answer ends:
+"""Supervised warm start (behaviour cloning) on prompt -> demonstration pairs (demonstration tokens and EOS):
 
     L = - (1 / sum_i |y_i|) sum_i sum_t log pi_theta(y_{i,t} | x_i, y_{i,<t})
 
-It uses the same model code, prompt formatting (chat template, left padding) and
-chunked log-prob function as RL, so an SFT checkpoint is exactly what the RL stage
-starts from. AdamW with linear warm-up then cosine decay.
+Same model code, prompt formatting and log-prob function as RL. Details: docs/engine.md, section engine/sft.py.
 """
 
 from __future__ import annotations
@@ -45,10 +39,8 @@ class SFTConfig:
 def supervised_finetune(model, tokenizer, chats: list[list[dict]], completions: list[str], config: SFTConfig,
                         seed: int = 0, max_prompt_length: int = 512, max_completion_length: int = 256,
                         on_step=None) -> list[dict]:
-    """Train `model` in place on (chat, completion) pairs; returns one metrics dict per step.
-
-    `on_step(metrics)` is called after each step (for logging).
-    """
+    """Train `model` in place on (chat, completion) pairs; returns one metrics dict per step, each also passed
+    to `on_step(metrics)` (for logging)."""
     if len(chats) != len(completions):
         raise ValueError(f"{len(chats)} prompts but {len(completions)} demonstrations")
     if not chats:
@@ -57,8 +49,7 @@ def supervised_finetune(model, tokenizer, chats: list[list[dict]], completions: 
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay,
                                   betas=(0.9, 0.99))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_multiplier(step, "cosine", config.warmup_steps, config.steps)
-    )
+        optimizer, lambda step: lr_multiplier(step, "cosine", config.warmup_steps, config.steps))
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(chats))
     position = 0
@@ -70,9 +61,8 @@ def supervised_finetune(model, tokenizer, chats: list[list[dict]], completions: 
         batch = order[position : position + config.batch_size]
         position += config.batch_size
         prompt_ids, prompt_mask = encode_prompts(tokenizer, [chats[i] for i in batch], max_prompt_length, device)
-        completion_ids, completion_mask = encode_completions(
-            tokenizer, [completions[i] for i in batch], max_completion_length, device
-        )
+        completion_ids, completion_mask = encode_completions(tokenizer, [completions[i] for i in batch],
+                                                             max_completion_length, device)
         logprobs = completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask).logprobs
         loss = -(logprobs * completion_mask).sum() / completion_mask.sum()
         optimizer.zero_grad(set_to_none=True)

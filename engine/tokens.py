@@ -1,9 +1,7 @@
 """Text <-> token tensors for the sampler, the learner and SFT.
 
-Prompts are chat-templated and *left*-padded (every prompt ends in the last column, so
-one batched decode step appends a token to all of them); completions are *right*-padded
-and end with the EOS token. Masks, not token ids, say what is real: the pad id may
-equal the EOS id.
+Prompts are chat-templated and left-padded, completions right-padded and end with EOS. Masks, not token ids,
+say what is real: the pad id may equal the EOS id. Details: docs/engine.md, section engine/tokens.py.
 """
 
 from __future__ import annotations

@@ -1,43 +1,9 @@
 """The RL loop: prompts -> rollout -> rewards -> strategy -> learner -> log / eval / checkpoint.
 
-One step:
-
-    1. take the next `prompts_per_step` prompts from the prompt source
-    2. rollout  = sample G completions per prompt (engine.rollout)          time_rollout_s
-    3. rewards  = task.rewards(...), then strategy.shape_rewards(...)      time_reward_s
-       dynamic sampling (if the strategy keeps only some groups): sample more
-       prompts until the batch is full, at most `max_generation_rounds` rounds
-    4. unit_ids, advantages = the strategy's credit assignment
-    5. learner.update(...)                                                   time_learn_s
-    6. metrics.jsonl / tensorboard / tqdm; eval every `eval_every`; checkpoint every `save_every`
-
-Choosing the reported model. The policy is evaluated on the task's validation split before
-training, every `eval_every` steps and at the end; the best of these by the task's
-`selection_metric` is kept as `checkpoints/best`. At the end the test split is evaluated
-twice: for the best checkpoint (eval.json's `<stage>`, the reported numbers) and for the last
-step (`<stage>/last`); `selection.json` records the metric, the best step and the validation
-history. The test split never chooses anything.
-
-The engine knows nothing about recommendation: a `Task` provides prompts, rewards and
-an evaluation. Prompts come in epochs: a fresh seeded permutation per epoch, which the
-strategy's `order_prompts` hook may reorder or shorten (a curriculum). The prompt
-source's state, the strategy's and the task's state are in every checkpoint, so a
-resumed run draws exactly the prompts the uninterrupted run would.
-
-The loop fails loudly: a step whose rewards or sampled log-probs are not finite (NaN
-logits) is skipped (weights untouched, "skipped" in its metrics, one message), as is the
-update when the learner's log-probs, loss or gradient are not finite; and when every
-group has zero reward spread, or the gradient norm is 0, for `stall_warning_steps` steps
-in a row, a warning is printed and written into the step's metrics ("warning"). Setting
-`stop_requested` (a signal handler: Ctrl-C) ends the loop after the current step with a
-checkpoint and `TrainingInterrupted`.
-
-Several processes (torchrun; engine/distributed.py): every rank draws the same prompts
-and samples its own share of whole groups, with its own generator; the decisions (skip,
-dynamic sampling's refills, stop) are taken on counts over all ranks, and every rank
-trains on the same number of groups (the smallest any rank kept). Evaluation prompts are
-shared out the same way. `reward_mean`, `tokens`, `loss` and `grad_norm` cover the whole
-step; the other metrics are rank 0's share. Rank 0 writes every file.
+A `Task` provides prompts, rewards and an evaluation. The best policy on the validation split (by the task's
+`selection_metric`) is kept as `checkpoints/best` and reported on the test split, which never chooses anything.
+A step with non-finite rewards or log-probs is skipped; stalls are warned about; under torchrun every rank
+samples its share of whole groups. Details: docs/engine.md, section engine/trainer.py.
 """
 
 from __future__ import annotations
@@ -63,12 +29,9 @@ from engine.tokens import decode_completions, encode_prompts, eos_token_ids
 
 
 class Task(Protocol):
-    """A verifiable task: chat prompts, a reward function, and an evaluation.
-
-    Optional members a task may define: `logits_hook` (constrained decoding, see
-    engine.logprobs.LogitsHook), `stop_token_ids(tokenizer) -> list[int]` (tokens that end
-    a completion besides EOS), `state_dict()` / `load_state_dict(state)` (checkpointed).
-    """
+    """A verifiable task: chat prompts, a reward function, and an evaluation. Optional members: `logits_hook`
+    (engine.logprobs.LogitsHook), `stop_token_ids(tokenizer) -> list[int]` (besides EOS), `state_dict()` /
+    `load_state_dict(state)` (checkpointed)."""
 
     def num_train_prompts(self) -> int: ...
 
