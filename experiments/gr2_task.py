@@ -39,7 +39,10 @@ part always parses. Everything is computed from the completion tokens before eac
 with tensor ops, so the learner's recompute (engine/logprobs.py) applies the identical mask and
 its log-probs equal the sampler's. `constrained_decoding = False` turns the hook off (sampling and
 evaluation), so the ranked part can break: the setting in which copying the input order is the
-safe way to a parseable answer (the reward hack; docs/gr2.md).
+safe way to a parseable answer (the reward hack; docs/gr2.md). `allow_repeated_candidates = True`
+keeps the grammar and the restriction to candidate SIDs but drops "unused": a line may repeat an
+earlier candidate, and a ranking with a repeat does not parse (a broken format, as in free text,
+while every line still names a real candidate).
 
 Warm start (`warm_start`)
 -------------------------
@@ -124,6 +127,7 @@ class GR2TaskConfig:
     conditional_reward: bool = True
     unparseable_reward: float = -1.0  # <= 0; 0 = the paper's literal reading (R_fmt = 0, no rank reward)
     constrained_decoding: bool = True  # False: the ranked part is free text (sampling and evaluation)
+    allow_repeated_candidates: bool = False  # the constraint lets a line repeat a candidate (which breaks the format)
 
     def __post_init__(self) -> None:
         check(self.num_candidates >= 2, "num_candidates", self.num_candidates, "must be >= 2")
@@ -143,6 +147,8 @@ class GR2TaskConfig:
         check(self.format_weight >= 0, "format_weight", self.format_weight, "must be >= 0 (alpha)")
         check(self.unparseable_reward <= 0, "unparseable_reward", self.unparseable_reward,
               "must be <= 0 (a broken format must not pay; below -(|D|-1)/|D| it pays less than any ranking)")
+        check(self.constrained_decoding or not self.allow_repeated_candidates, "allow_repeated_candidates",
+              self.allow_repeated_candidates, "needs constrained_decoding = true (free decoding allows anything)")
 
 
 @dataclass(frozen=True)
@@ -174,17 +180,20 @@ class RankingConstraint:
 
         k = 0                          newline
         k >= 1, j = (k-1) // W, s = (k-1) % W:
-            s < L, j < D               level-s token of an open candidate (prefix matches, unused)
+            s < L, j < D               level-s token of an open candidate (prefix matches, unused;
+                                       with allow_repeats, prefix matches)
             s = L, j < D - 1           newline
             otherwise                  EOS
     """
 
-    def __init__(self, candidate_token_ids: Tensor, marker_id: int, newline_id: int, eos_id: int, ends_line: Tensor):
+    def __init__(self, candidate_token_ids: Tensor, marker_id: int, newline_id: int, eos_id: int, ends_line: Tensor,
+                 allow_repeats: bool = False):
         if candidate_token_ids.dim() != 3:
             raise ValueError(f"candidate_token_ids must be [P, D, L]; got {tuple(candidate_token_ids.shape)}")
         self.candidates = candidate_token_ids.long()  # [P, D, L]
         self.ends_line = ends_line.bool()  # [V]
         self.marker_id, self.newline_id, self.eos_id = marker_id, newline_id, eos_id
+        self.allow_repeats = allow_repeats
         self._tables: dict[torch.device, tuple[Tensor, Tensor]] = {}  # the two tables, copied once per device
 
     def tables(self, device: torch.device) -> tuple[Tensor, Tensor]:
@@ -193,7 +202,8 @@ class RankingConstraint:
         return self._tables[device]
 
     @classmethod
-    def build(cls, tokenizer, candidate_sids: list[list[str]], num_candidates: int) -> "RankingConstraint":
+    def build(cls, tokenizer, candidate_sids: list[list[str]], num_candidates: int,
+              allow_repeats: bool = False) -> "RankingConstraint":
         """The constraint for prompts whose candidates are `candidate_sids` (one list per prompt index)."""
         if not candidate_sids:
             raise ValueError("no prompts: pass one candidate SID list per prompt index")
@@ -228,7 +238,7 @@ class RankingConstraint:
                                        clean_up_tokenization_spaces=False)
         ends_line = torch.tensor([text.endswith("\n") for text in texts])  # [V]
         return cls(torch.tensor(rows, dtype=torch.long), vocabulary[RANKING_MARKER], newline[0],
-                   tokenizer.eos_token_id, ends_line)
+                   tokenizer.eos_token_id, ends_line, allow_repeats)
 
     def __call__(self, logits: Tensor, prompt_indices: Tensor, completion_ids: Tensor, start: int) -> Tensor:
         num_rows, width, vocab_size = logits.shape  # [N, C, V]
@@ -265,6 +275,8 @@ class RankingConstraint:
         line_is = (line_tokens[:, :, None, :] == candidates[:, None, :, :]).all(-1)  # [N, D lines, D candidates]
         finished = (line_starts + levels - 1)[:, None, :] < positions[None, :, None]  # [N, C, D lines]
         used = torch.bmm(finished.float(), line_is.float()) > 0  # [N, C, D candidates]
+        if self.allow_repeats:
+            used = torch.zeros_like(used)
 
         # the current line's tokens so far must be a prefix of the candidate's SID
         current_slot = slot.clamp(max=levels - 1)  # [N, C]
@@ -448,7 +460,8 @@ class GR2Task:
         `constrained_decoding` is off."""
         requests = {"train": self.train, **self.splits}
         self.hooks = {split: RankingConstraint.build(tokenizer, [self.candidate_sids(r) for r in items],
-                                                     self.config.num_candidates)
+                                                     self.config.num_candidates,
+                                                     self.config.allow_repeated_candidates)
                       for split, items in requests.items()} if self.config.constrained_decoding else {}
         self.logits_hook = self.hooks.get("train")
 
@@ -722,8 +735,10 @@ def order_trajectory(run_dir: Path) -> dict[str, list]:
 
 
 def _sft_label(tree: dict) -> str:
-    free = "" if tree["task"].get("constrained_decoding", True) else ", free decoding"
-    return f"SFT ({tree['task']['trace_variant']}{free})"
+    task = tree["task"]
+    decoding = ((", repeats allowed" if task.get("allow_repeated_candidates") else "")
+                if task.get("constrained_decoding", True) else ", free decoding")
+    return f"SFT ({task['trace_variant']}{decoding})"
 
 
 def summarize_runs(run_dirs: list[str | Path], data_dir: str | None = None, bootstrap_samples: int = 10_000) -> dict:
@@ -774,7 +789,7 @@ def summarize_runs(run_dirs: list[str | Path], data_dir: str | None = None, boot
                                     "midtrain_steps": tree["task"]["midtrain_steps"], "sft_steps": tree["sft"]["steps"],
                                     "rl_steps": tree["trainer"]["max_steps"], "wall_time_s": run_wall_time(run_dir),
                                     **{key: tree["task"].get(key, getattr(GR2TaskConfig, key)) for key in (
-                                        "trace_variant", "conditional_reward", "constrained_decoding",
+                                        "trace_variant", "conditional_reward", "constrained_decoding", "allow_repeated_candidates",
                                         "unparseable_reward")}}
                      for run_dir, record, tree in zip(run_dirs, records, trees)}}
 

@@ -149,6 +149,8 @@ GR2_QUICK = {
     "trainer.save_every": 0,
 }
 
+GR2_REPEATS = {"task.allow_repeated_candidates": True, "task.unparseable_reward": 0.0}
+
 
 def _gr2(description: str, **settings) -> Experiment:
     return Experiment(description, "rl", "gr2", "dapo", {**GR2, **settings}, dict(GR2_QUICK))
@@ -198,6 +200,13 @@ EXPERIMENTS: dict[str, Experiment] = {
                                              "task.unparseable_reward": 0.0}),
     "gr2_free_conditional_ml100k": _gr2("GR2, unconstrained decoding, unparseable = 0, conditional reward",
                                         **{"task.constrained_decoding": False, "task.unparseable_reward": 0.0}),
+    # the same measurement where the policy can parse: ranked lines restricted to candidate SIDs, repeats allowed
+    # (a repeat breaks the format, so a copy of the input order is the safe parseable answer)
+    "gr2_repeats_unconditional_ml100k": _gr2("GR2, candidate lines may repeat (a repeat is unparseable = 0), "
+                                             "unconditional reward", **{"task.conditional_reward": False,
+                                                                        **GR2_REPEATS}),
+    "gr2_repeats_conditional_ml100k": _gr2("GR2, candidate lines may repeat (a repeat is unparseable = 0), "
+                                           "conditional reward", **GR2_REPEATS),
 }
 
 

@@ -98,7 +98,7 @@ def policy():
     return task, tokenizer, model
 
 
-def reference_allowed(prefix, candidates, marker, newline, eos, ends_line, vocab_size):
+def reference_allowed(prefix, candidates, marker, newline, eos, ends_line, vocab_size, allow_repeats=False):
     """The allowed next tokens after `prefix`, walked token by token (the rules of the module docstring)."""
     if marker not in prefix:
         allowed = set(range(vocab_size))
@@ -114,7 +114,7 @@ def reference_allowed(prefix, candidates, marker, newline, eos, ends_line, vocab
             return {eos}
         line = rest[:levels]
         if len(line) < levels:  # inside a line: the next level of an unused candidate with this prefix
-            return {c[len(line)] for c in candidates if c not in used and c[: len(line)] == line}
+            return {c[len(line)] for c in candidates if (allow_repeats or c not in used) and c[: len(line)] == line}
         used.append(line)
         rest = rest[levels:]
         if not rest:
@@ -179,6 +179,61 @@ def test_constrained_decoding_candidates_once_and_recompute_matches(policy):
                                          prompt_indices=rollout.prompt_indices).logprobs
     gap = (recomputed - rollout.old_logprobs).abs()[rollout.completion_mask]
     assert float(gap.max()) < 1e-5
+
+
+def test_constraint_with_repeats_allowed_names_candidates_and_a_repeat_breaks_the_format(policy):
+    task, tokenizer, model = policy
+    requests = task.train
+    hook = RankingConstraint.build(tokenizer, [task.candidate_sids(r) for r in requests], 10, allow_repeats=True)
+    marker = tokenizer.get_vocab()[RANKING_MARKER]
+
+    def biased(logits, prompt_indices, completion_ids, start):
+        return hook(logits + 6.0 * (torch.arange(logits.shape[-1]) == marker), prompt_indices, completion_ids, start)
+
+    ids, mask = encode_prompts(tokenizer, [task.train_messages(0), task.train_messages(1)], 512, torch.device("cpu"))
+    rollout = sample(model, ids, mask, 6, SamplingConfig(max_new_tokens=48), [tokenizer.eos_token_id],
+                     tokenizer.pad_token_id, torch.Generator().manual_seed(1), logits_hook=biased,
+                     prompt_indices=torch.tensor([0, 1]), make_decoder=fast_decoder)
+    texts = decode_completions(tokenizer, rollout.completion_ids, rollout.completion_mask, rollout.ended_with_eos)
+    finished_lists, repeats = 0, 0
+    for row, text in enumerate(texts):
+        tokens = rollout.completion_ids[row][rollout.completion_mask[row]].tolist()
+        if marker not in tokens or not rollout.ended_with_eos[row]:
+            continue
+        sids = task.candidate_sids(requests[int(rollout.prompt_indices[row])])
+        written = tokenizer.decode(tokens[tokens.index(marker) + 1:], skip_special_tokens=True).split("\n")[1:]
+        assert len(written) == 10 and set(written) <= set(sids)  # ten lines, each a real candidate
+        finished_lists += 1
+        has_repeat = len(set(written)) < 10
+        repeats += has_repeat
+        assert (parse_ranking(text, sids) is None) == has_repeat  # a repeat is a broken format
+    assert finished_lists >= 3 and repeats >= 1  # a random policy repeats a candidate among 10 lines
+
+    candidates = hook.candidates.tolist()
+    ends_line = set(hook.ends_line.nonzero().squeeze(1).tolist())
+    (newline,) = tokenizer("\n", add_special_tokens=False)["input_ids"]
+    allowed = hook(torch.zeros(rollout.num_rows, rollout.completion_ids.shape[1], len(tokenizer)),
+                   rollout.prompt_indices, rollout.completion_ids, 0)
+    for row in range(rollout.num_rows):
+        tokens = rollout.completion_ids[row].tolist()
+        for t in range(int(rollout.completion_lengths[row])):
+            expected = reference_allowed(tokens[:t], candidates[int(rollout.prompt_indices[row])], marker, newline,
+                                         tokenizer.eos_token_id, ends_line, len(tokenizer), allow_repeats=True)
+            assert set(torch.isfinite(allowed[row, t]).nonzero().squeeze(1).tolist()) == expected, (row, t)
+    with torch.no_grad():
+        recomputed = completion_logprobs(model, rollout.prompt_ids, rollout.prompt_mask, rollout.completion_ids,
+                                         rollout.completion_mask, chunk_size=7, logits_hook=biased,
+                                         prompt_indices=rollout.prompt_indices).logprobs
+    assert float((recomputed - rollout.old_logprobs).abs()[rollout.completion_mask].max()) < 1e-5
+
+
+def test_repeats_allowed_binds_that_constraint_and_needs_constrained_decoding(policy):
+    _, tokenizer, model = policy
+    task = toy_task(allow_repeated_candidates=True)
+    task.bind(model, tokenizer)
+    assert task.logits_hook.allow_repeats and all(hook.allow_repeats for hook in task.hooks.values())
+    with pytest.raises(ValueError, match="allow_repeated_candidates.*constrained_decoding = true"):
+        GR2TaskConfig(allow_repeated_candidates=True, constrained_decoding=False)
 
 
 def test_unconstrained_decoding_binds_no_hook(policy):
