@@ -122,19 +122,28 @@ def reference_allowed(prefix, candidates, marker, newline, eos, ends_line, vocab
         rest = rest[1:]
 
 
-def test_constrained_decoding_candidates_once_and_recompute_matches(policy):
+def sample_under(hook, policy, seed):
+    """6 samples for each of the two training prompts under `hook`, the marker pushed up so that the random
+    model reaches the ranked part: (the hook as the sampler used it, rollout, texts)."""
     task, tokenizer, model = policy
-    hook = task.logits_hook
     marker = tokenizer.get_vocab()[RANKING_MARKER]
 
-    def biased(logits, prompt_indices, completion_ids, start):  # the random model writes the marker early
+    def biased(logits, prompt_indices, completion_ids, start):
         return hook(logits + 6.0 * (torch.arange(logits.shape[-1]) == marker), prompt_indices, completion_ids, start)
 
     ids, mask = encode_prompts(tokenizer, [task.train_messages(0), task.train_messages(1)], 512, torch.device("cpu"))
     rollout = sample(model, ids, mask, 6, SamplingConfig(max_new_tokens=48), [tokenizer.eos_token_id],
-                     tokenizer.pad_token_id, torch.Generator().manual_seed(0), logits_hook=biased,
+                     tokenizer.pad_token_id, torch.Generator().manual_seed(seed), logits_hook=biased,
                      prompt_indices=torch.tensor([0, 1]), make_decoder=fast_decoder)
     texts = decode_completions(tokenizer, rollout.completion_ids, rollout.completion_mask, rollout.ended_with_eos)
+    return biased, rollout, texts
+
+
+def test_constrained_decoding_candidates_once_and_recompute_matches(policy):
+    task, tokenizer, model = policy
+    hook = task.logits_hook
+    marker = tokenizer.get_vocab()[RANKING_MARKER]
+    biased, rollout, texts = sample_under(hook, policy, seed=0)
     vocab = tokenizer.get_vocab()
     sid_token_ids = {vocab[token] for token in task.semantic_ids.vocabulary()}
     ranked_rows = 0
@@ -186,15 +195,7 @@ def test_constraint_with_repeats_allowed_names_candidates_and_a_repeat_breaks_th
     requests = task.train
     hook = RankingConstraint.build(tokenizer, [task.candidate_sids(r) for r in requests], 10, allow_repeats=True)
     marker = tokenizer.get_vocab()[RANKING_MARKER]
-
-    def biased(logits, prompt_indices, completion_ids, start):
-        return hook(logits + 6.0 * (torch.arange(logits.shape[-1]) == marker), prompt_indices, completion_ids, start)
-
-    ids, mask = encode_prompts(tokenizer, [task.train_messages(0), task.train_messages(1)], 512, torch.device("cpu"))
-    rollout = sample(model, ids, mask, 6, SamplingConfig(max_new_tokens=48), [tokenizer.eos_token_id],
-                     tokenizer.pad_token_id, torch.Generator().manual_seed(1), logits_hook=biased,
-                     prompt_indices=torch.tensor([0, 1]), make_decoder=fast_decoder)
-    texts = decode_completions(tokenizer, rollout.completion_ids, rollout.completion_mask, rollout.ended_with_eos)
+    biased, rollout, texts = sample_under(hook, policy, seed=1)
     finished_lists, repeats = 0, 0
     for row, text in enumerate(texts):
         tokens = rollout.completion_ids[row][rollout.completion_mask[row]].tolist()
