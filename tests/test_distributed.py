@@ -171,6 +171,7 @@ def test_shards_are_whole_contiguous_and_cover_everything():
     assert distributed.shard(list(range(5))) == [0, 1, 2, 3, 4]  # one process: everything
     assert distributed.rank_and_size() == (0, 1)
     assert distributed.gather("x") == ["x"] and distributed.broadcast(3) == 3
+    distributed.stop(finished=True)  # alone: no process group to leave, no barrier to wait at
 
 
 TINY_SORT = ["--set", "hidden_size=32", "--set", "intermediate_size=64", "--set", "num_layers=1",
