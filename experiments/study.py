@@ -27,10 +27,11 @@ Statistics (`summarize`):
 
     seed spread      mean and sample standard deviation over seeds of a row's test metric
     paired bootstrap x_u, y_u = the two rows' metric of test user u, each averaged over the
-                     row's seeds; d = mean_u (x_u - y_u) and its 95% percentile bootstrap
-                     interval over B = 10,000 resamples of the users (experiments/statistics.py)
-    gap closed       (N@10(row) - N@10(SFT)) / (N@10(EASE) - N@10(SFT)), EASE from
-                     experiments/results/baselines_ml100k.json
+                     seeds both rows have (a row with fewer seeds is compared at those);
+                     d = mean_u (x_u - y_u) and its 95% percentile bootstrap interval over
+                     B = 10,000 resamples of the users (experiments/statistics.py)
+    gap closed       (N@10(row) - N@10(SFT)) / (N@10(EASE) - N@10(SFT)) at the shared seeds,
+                     EASE from experiments/results/baselines_ml100k.json
 
 Outputs in RESULTS: the run records, `summary.json`, `table.md` (the README table text, also
 printed, and written into README.md between its study-table markers when RESULTS is the default) and `val_ndcg10.png`: validation NDCG@10 over RL steps (mean over seeds) of the plotted
@@ -111,6 +112,12 @@ def _mean_over_seeds(records: list[dict], metric: str) -> np.ndarray:
     return np.mean([record["per_user"][metric] for record in records], axis=0)  # [U]
 
 
+def _common_seeds(runs: list[dict], reference: list[dict]) -> tuple[list[dict], list[dict]]:
+    """The runs of both rows at the seeds they share (a comparison pairs users *and* seeds)."""
+    shared = {r["seed"] for r in runs} & {r["seed"] for r in reference}
+    return [r for r in runs if r["seed"] in shared], [r for r in reference if r["seed"] in shared]
+
+
 def summarize(records: list[dict], ease_ndcg10: float | None = None, resamples: int = 10_000) -> dict:
     """Per row: seeds, test N@10 / R@10 (mean, sd over seeds), bootstrap intervals against SFT and
     against GRPO at the same mu, gap closed, and the training statistics averaged over seeds."""
@@ -129,12 +136,16 @@ def summarize(records: list[dict], ease_ndcg10: float | None = None, resamples: 
             references["grpo"] = by_row.get(f"grpo_mu{runs[0].get('mu')}")
         for name, reference in references.items():
             if reference and label != name:
+                mine, theirs = _common_seeds(runs, reference)
+                if not mine:
+                    continue
+                entry[f"seeds_paired_with_{name}"] = [r["seed"] for r in mine]
                 for metric in ("ndcg@10", "recall@10"):
                     entry[f"{metric}_minus_{name}"] = paired_bootstrap(
-                        _mean_over_seeds(runs, metric), _mean_over_seeds(reference, metric), resamples)
-        if by_row.get("sft") and ease_ndcg10 is not None and label != "sft":
-            sft = float(np.mean([r["test"]["ndcg@10"] for r in by_row["sft"]]))
-            entry["gap_closed"] = (entry["ndcg@10"] - sft) / (ease_ndcg10 - sft)
+                        _mean_over_seeds(mine, metric), _mean_over_seeds(theirs, metric), resamples)
+                if name == "sft" and ease_ndcg10 is not None:
+                    row_mean, sft = (float(np.mean([r["test"]["ndcg@10"] for r in part])) for part in (mine, theirs))
+                    entry["gap_closed"] = (row_mean - sft) / (ease_ndcg10 - sft)
         trainings = [r["training"] for r in runs if r.get("training")]
         if trainings:
             entry["training"] = {key: float(np.mean([t[key] for t in trainings])) for key in trainings[0]}

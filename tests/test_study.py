@@ -62,6 +62,17 @@ def test_summarize_and_table_hand_computed():
             "| 0.0300 | 0.0010 | 0.900 / 1.500 | 10,20 | 2.0 |") == lines[3]
 
 
+def test_a_row_with_fewer_seeds_is_compared_at_the_seeds_it_shares():
+    records = [_record("sft", 0, [0.1, 0.1], "sft"), _record("sft", 1, [0.3, 0.3], "sft"),
+               _record("gspo_mu1", 1, [0.4, 0.4], "gspo", 1)]
+    gspo = study.summarize(records, ease_ndcg10=0.5, resamples=200)["gspo_mu1"]
+    # against SFT seed 1 alone (0.3): +0.1, not +0.2 against the mean over SFT's two seeds
+    assert gspo["ndcg@10_minus_sft"] == pytest.approx((0.1, 0.1, 0.1))
+    assert gspo["seeds_paired_with_sft"] == [1]
+    assert gspo["gap_closed"] == pytest.approx((0.4 - 0.3) / (0.5 - 0.3))
+    assert "ndcg@10_minus_grpo" not in gspo  # no GRPO row at mu 1
+
+
 def test_png_bytes_follow_the_format():
     image = np.arange(2 * 3 * 3, dtype=np.uint8).reshape(2, 3, 3)  # [H=2, W=3, RGB]
     data = study.png_bytes(image)
