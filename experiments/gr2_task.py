@@ -789,8 +789,8 @@ def summarize_runs(run_dirs: list[str | Path], data_dir: str | None = None, boot
                                     "midtrain_steps": tree["task"]["midtrain_steps"], "sft_steps": tree["sft"]["steps"],
                                     "rl_steps": tree["trainer"]["max_steps"], "wall_time_s": run_wall_time(run_dir),
                                     **{key: tree["task"].get(key, getattr(GR2TaskConfig, key)) for key in (
-                                        "trace_variant", "conditional_reward", "constrained_decoding", "allow_repeated_candidates",
-                                        "unparseable_reward")}}
+                                        "trace_variant", "conditional_reward", "constrained_decoding",
+                                        "allow_repeated_candidates", "unparseable_reward")}}
                      for run_dir, record, tree in zip(run_dirs, records, trees)}}
 
 

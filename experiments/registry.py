@@ -200,8 +200,9 @@ EXPERIMENTS: dict[str, Experiment] = {
                                              "task.unparseable_reward": 0.0}),
     "gr2_free_conditional_ml100k": _gr2("GR2, unconstrained decoding, unparseable = 0, conditional reward",
                                         **{"task.constrained_decoding": False, "task.unparseable_reward": 0.0}),
-    # the same measurement where the policy can parse: ranked lines restricted to candidate SIDs, repeats allowed
-    # (a repeat breaks the format, so a copy of the input order is the safe parseable answer)
+    # the same measurement with the ranked lines restricted to candidate SIDs, repeats allowed: a repeat breaks the
+    # format, so a copy of the input order is a safe parseable answer (a policy that writes valid lists on its own
+    # is needed: the tiny model writes none, docs/gr2.md)
     "gr2_repeats_unconditional_ml100k": _gr2("GR2, candidate lines may repeat (a repeat is unparseable = 0), "
                                              "unconditional reward", **{"task.conditional_reward": False,
                                                                         **GR2_REPEATS}),
