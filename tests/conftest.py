@@ -61,16 +61,18 @@ def hf_logits(model, ids, mask):
 
 
 @torch.no_grad()
-def recompute_gaps(model, rollout, chunk_size=128, autocast=False) -> tuple[float, float]:
+def recompute_gaps(model, rollout, chunk_size=128, autocast=False, logits_hook=None) -> tuple[float, float]:
     """(max, mean) |sampler log-prob - recomputed log-prob| over the completion tokens;
-    `autocast`: recompute under CUDA bf16 autocast, as the learner does on GPUs."""
+    `autocast`: recompute under CUDA bf16 autocast, as the learner does on GPUs; `logits_hook`: the
+    sampler's constraint, applied to the recompute with the rollout's prompt indices."""
     from engine.logprobs import completion_logprobs
 
     context = torch.autocast("cuda", dtype=torch.bfloat16) if autocast else nullcontext()
     with context:
         recomputed = completion_logprobs(
             model, rollout.prompt_ids, rollout.prompt_mask, rollout.completion_ids, rollout.completion_mask,
-            temperature=rollout.temperature, chunk_size=chunk_size,
+            temperature=rollout.temperature, chunk_size=chunk_size, logits_hook=logits_hook,
+            prompt_indices=rollout.prompt_indices if logits_hook is not None else None,
         ).logprobs
     gaps = (recomputed - rollout.old_logprobs).abs()[rollout.completion_mask]
     return float(gaps.max()), float(gaps.mean())

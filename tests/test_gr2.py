@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 import torch
 
-from engine.logprobs import completion_logprobs
 from engine.rollout import SamplingConfig, sample
 from engine.tokens import decode_completions, encode_prompts
 from experiments.data.movielens import Movie
@@ -23,7 +22,7 @@ from fastdecode import fast_decoder
 from models.semantic_ids import SemanticIds
 from models.tiny import train_tokenizer
 from rewards.gr2 import RANKING_MARKER, format_ranking, parse_ranking
-from tests.conftest import make_model
+from tests.conftest import make_model, recompute_gaps
 
 GENRES = ("Drama", "Comedy", "Action", "Horror")
 NUM_ITEMS = 16
@@ -182,12 +181,7 @@ def test_constrained_decoding_candidates_once_and_recompute_matches(policy):
             assert set(torch.isfinite(whole[row, t]).nonzero().squeeze(1).tolist()) == expected, (row, t)
 
     # the learner's recompute under the same constraint gives the sampler's log-probs
-    with torch.no_grad():
-        recomputed = completion_logprobs(model, rollout.prompt_ids, rollout.prompt_mask, rollout.completion_ids,
-                                         rollout.completion_mask, chunk_size=7, logits_hook=biased,
-                                         prompt_indices=rollout.prompt_indices).logprobs
-    gap = (recomputed - rollout.old_logprobs).abs()[rollout.completion_mask]
-    assert float(gap.max()) < 1e-5
+    assert recompute_gaps(model, rollout, chunk_size=7, logits_hook=biased)[0] < 1e-5
 
 
 def test_constraint_with_repeats_allowed_names_candidates_and_a_repeat_breaks_the_format(policy):
@@ -221,11 +215,7 @@ def test_constraint_with_repeats_allowed_names_candidates_and_a_repeat_breaks_th
             expected = reference_allowed(tokens[:t], candidates[int(rollout.prompt_indices[row])], marker, newline,
                                          tokenizer.eos_token_id, ends_line, len(tokenizer), allow_repeats=True)
             assert set(torch.isfinite(allowed[row, t]).nonzero().squeeze(1).tolist()) == expected, (row, t)
-    with torch.no_grad():
-        recomputed = completion_logprobs(model, rollout.prompt_ids, rollout.prompt_mask, rollout.completion_ids,
-                                         rollout.completion_mask, chunk_size=7, logits_hook=biased,
-                                         prompt_indices=rollout.prompt_indices).logprobs
-    assert float((recomputed - rollout.old_logprobs).abs()[rollout.completion_mask].max()) < 1e-5
+    assert recompute_gaps(model, rollout, chunk_size=7, logits_hook=biased)[0] < 1e-5
 
 
 def test_repeats_allowed_binds_that_constraint_and_needs_constrained_decoding(policy):
