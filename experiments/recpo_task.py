@@ -70,7 +70,6 @@ intervals (``experiments.statistics.paired_bootstrap``).
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import hashlib
 import json
@@ -92,7 +91,7 @@ from experiments.baselines import items_from_scores
 from experiments.data.common import RecExample
 from experiments.data.item_graph import ItemGraph
 from experiments.data.movielens import LIKED_RATING
-from experiments.run_records import read_selection
+from experiments.run_records import named_rows, read_selection, table_parser
 from experiments.statistics import interval_dict
 from experiments.warm_start import cached_stage
 from models.rec_head import SIMILARITIES, ItemScorer, ItemTable, RecHeadConfig, encode_items
@@ -642,16 +641,11 @@ def table(rows: list[tuple[str, Path]], reference_run: Path, data_dir: str | Non
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m experiments.recpo_task", description=table.__doc__)
-    parser.add_argument("rows", nargs="+", metavar="NAME=RUN_DIR_OR_MODEL_FOLDER")
-    parser.add_argument("--reference-run", required=True, help="a run directory whose config.json defines the task")
+    parser = table_parser("python -m experiments.recpo_task", table.__doc__)
     parser.add_argument("--reference", default="SFT", help="the row the intervals are taken against")
-    parser.add_argument("--data-dir")
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--resamples", type=int, default=10_000)
     args = parser.parse_args(argv)
-    rows = [(spec.partition("=")[0], Path(spec.partition("=")[2])) for spec in args.rows]
-    results = table(rows, Path(args.reference_run), args.data_dir, Path(args.out), args.reference, args.resamples)
+    results = table(named_rows(args.rows), Path(args.reference_run), args.data_dir, Path(args.out), args.reference,
+                    args.resamples)
     print(json.dumps(results, indent=2))
     return 0
 

@@ -51,7 +51,6 @@ popularity, EASE's top-scored candidate) and paired bootstrap intervals.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import hashlib
 import json
@@ -67,7 +66,7 @@ import torch
 from engine.config import check, check_choice
 from engine.learner import Rewards
 from experiments.data.item_graph import DESCRIBED_KINDS, GENRE_KIND, ItemGraph
-from experiments.run_records import read_selection
+from experiments.run_records import named_rows, read_selection, table_parser
 from experiments.statistics import interval_dict
 from experiments.warm_start import cached_stage, sft_progress
 from rewards.lists import format_item
@@ -669,16 +668,12 @@ def table(rows: list[tuple[str, Path]], reference_run: Path, data_dir: str | Non
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m experiments.rerec_task", description=table.__doc__)
-    parser.add_argument("rows", nargs="+", metavar="NAME=RUN_DIR_OR_MODEL_FOLDER")
-    parser.add_argument("--reference-run", required=True, help="a run directory whose config.json defines the task")
-    parser.add_argument("--data-dir")
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--resamples", type=int, default=10_000)
-    parser.add_argument("--test-size", type=int, help="test requests to evaluate, 0 = all (default: the reference run's)")
+    parser = table_parser("python -m experiments.rerec_task", table.__doc__)
+    parser.add_argument("--test-size", type=int,
+                        help="test requests to evaluate, 0 = all (default: the reference run's)")
     args = parser.parse_args(argv)
-    rows = [(spec.partition("=")[0], Path(spec.partition("=")[2])) for spec in args.rows]
-    results = table(rows, Path(args.reference_run), args.data_dir, Path(args.out), args.resamples, args.test_size)
+    results = table(named_rows(args.rows), Path(args.reference_run), args.data_dir, Path(args.out), args.resamples,
+                    args.test_size)
     print(json.dumps(results, indent=2))
     return 0
 

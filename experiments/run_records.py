@@ -7,6 +7,7 @@ eval.json's "selection" entry. `metrics.jsonl` is read with engine.logging.read_
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
@@ -17,3 +18,20 @@ def read_selection(run_dir: Path) -> dict:
     if path.exists():
         return json.loads(path.read_text())
     return json.loads((Path(run_dir) / "eval.json").read_text()).get("selection", {})
+
+
+def table_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    """The command line the task tables share: `NAME=RUN_DIR_OR_MODEL_FOLDER ...`, the run whose config.json
+    defines the task, the data folder, the output JSON and the bootstrap resamples (a task adds its own)."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("rows", nargs="+", metavar="NAME=RUN_DIR_OR_MODEL_FOLDER")
+    parser.add_argument("--reference-run", required=True, help="a run directory whose config.json defines the task")
+    parser.add_argument("--data-dir")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--resamples", type=int, default=10_000)
+    return parser
+
+
+def named_rows(specs: list[str]) -> list[tuple[str, Path]]:
+    """`NAME=PATH` arguments as (name, path) pairs, in order."""
+    return [(spec.partition("=")[0], Path(spec.partition("=")[2])) for spec in specs]
