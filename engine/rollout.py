@@ -39,6 +39,9 @@ class SamplingConfig:
     # bfloat16 when the fast decoder samples an fp32 model on CUDA, else the model's own (docs/engine.md)
     dtype: str = "auto"
     cuda_graphs: bool = True  # the fast decoder on CUDA replays its decode step as a CUDA graph
+    # ... with its element-wise chains fused by torch.compile (inductor, needs Triton); off: 1.02x at Q05 on an
+    # H200 for ~20 s of compilation per process (README, Performance)
+    compile_decode: bool = False
 
     def __post_init__(self) -> None:
         check(self.max_new_tokens >= 1, "max_new_tokens", self.max_new_tokens, "must be >= 1")

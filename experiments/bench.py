@@ -196,12 +196,20 @@ def ratio_summary(numerators: list[float], denominators: list[float]) -> dict[st
     return {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios)}
 
 
-def recrl_sample(model, ids, mask, config: BenchConfig, max_new_tokens: int | None = None, **sampling):
+def recrl_sample(model, ids, mask, config: BenchConfig, max_new_tokens: int | None = None,
+                 decoders: list | None = None, **sampling):
+    """The recrl sampler over the fast decoder; `decoders`: a list the decoder it made is appended to."""
+    def make_decoder(*args):
+        decoder = fast_decoder(*args)
+        if decoders is not None:
+            decoders.append(decoder)
+        return decoder
+
     # No EOS id can be sampled (-1), so every row runs to the full length, as generate does below.
     return sample(model, ids, mask, config.group_size,
                   SamplingConfig(max_new_tokens=max_new_tokens or config.new_tokens, temperature=1.0, **sampling),
                   eos_token_ids=[-1], pad_token_id=0, generator=torch.Generator(device=ids.device).manual_seed(0),
-                  make_decoder=fast_decoder)
+                  make_decoder=make_decoder)
 
 
 # ---------------------------------------------------------------------------
@@ -446,8 +454,12 @@ def bench_rollout(config: BenchConfig, clock: Clock, repeats: int, profile: bool
                 num_return_sequences=config.group_size, pad_token_id=0, eos_token_id=1,
             )
 
+    decoders: list = []
+    first_rollout_s = None
+    if device == "cuda":  # the first rollout compiles the decode step (once per process and model shape)
+        first_rollout_s = clock.seconds(lambda: recrl_sample(model, ids, mask, config, **sampling))
     measures = {
-        "recrl": lambda: clock.seconds(lambda: recrl_sample(model, ids, mask, config, **sampling)),
+        "recrl": lambda: clock.seconds(lambda: recrl_sample(model, ids, mask, config, decoders=decoders, **sampling)),
         "generate": lambda: clock.seconds(run_generate),
         "prefill": lambda: clock.seconds(lambda: recrl_sample(model, ids, mask, config, max_new_tokens=1, **sampling)),
         "floor": lambda: rollout_floor_seconds(timer, config, prefill_products, decode_products, bound_step_s),
@@ -455,6 +467,8 @@ def bench_rollout(config: BenchConfig, clock: Clock, repeats: int, profile: bool
     if device == "cuda":
         measures["recrl_no_graphs"] = lambda: clock.seconds(
             lambda: recrl_sample(model, ids, mask, config, cuda_graphs=False, **sampling))
+        measures["recrl_no_compile"] = lambda: clock.seconds(
+            lambda: recrl_sample(model, ids, mask, config, compile_decode=False, **sampling))
     seconds = interleaved(measures, repeats)
     recrl_s, generate_s, prefill_s = (statistics.median(seconds[name]) for name in ("recrl", "generate", "prefill"))
     decode_s = max(recrl_s - prefill_s, 1e-9)
@@ -477,11 +491,19 @@ def bench_rollout(config: BenchConfig, clock: Clock, repeats: int, profile: bool
     }
     if device == "cuda":
         eager_s = statistics.median(seconds["recrl_no_graphs"])
+        uncompiled_s = statistics.median(seconds["recrl_no_compile"])
+        compiled = decoders[-1].compile_backend is not None
         rows = config.prompts * config.group_size
         measured_step_s = decode_s / max(config.new_tokens - 1, 1)  # the first token comes from the prefill
         result.update({
             "recrl_no_graphs_tokens_per_s": tokens / eager_s,
             "cuda_graphs_speedup": eager_s / recrl_s,
+            "decode_compiled": compiled,
+            "recrl_no_compile_tokens_per_s": tokens / uncompiled_s,
+            "compile_speedup": uncompiled_s / recrl_s,
+            "first_rollout_seconds": first_rollout_s,  # compilation included
+            "graph_captures_per_rollout": decoders[-1].captures,
+            "graph_capture_seconds_per_rollout": decoders[-1].capture_seconds,
             "copy_bandwidth_bytes_per_s": bandwidth,
             "decode_bytes_per_step": step_bytes,
             "decode_step_seconds": measured_step_s,
@@ -491,22 +513,24 @@ def bench_rollout(config: BenchConfig, clock: Clock, repeats: int, profile: bool
             "peak_memory_bytes": torch.cuda.max_memory_allocated(),
         })
     if profile:
-        result["profile"] = profile_rollout(model, ids, mask, config, device)
+        result["profile"] = profile_rollout(model, ids, mask, config, device, cuda_graphs=False)
+        if device == "cuda":  # the step as it runs: captured (and compiled, where it is)
+            result["profile_graphed"] = profile_rollout(model, ids, mask, config, device, **sampling)
     return result
 
 
-def profile_rollout(model, ids, mask, config: BenchConfig, device: str, steps: int = 16) -> dict:
-    """Where a decode step's time goes: torch.profiler over a short rollout with CUDA graphs
-    off (so each kernel is seen; the eager step, see the module docstring), prefill
-    subtracted by profiling a 1-token rollout too."""
+def profile_rollout(model, ids, mask, config: BenchConfig, device: str, steps: int = 16, **sampling) -> dict:
+    """Where a decode step's time goes: torch.profiler over a short rollout (`sampling`: its
+    SamplingConfig settings; cuda_graphs=False shows the eager step, see the module
+    docstring), prefill subtracted by profiling a 1-token rollout too."""
     from torch.profiler import ProfilerActivity, profile
 
     activity = ProfilerActivity.CUDA if device == "cuda" else ProfilerActivity.CPU
 
     def kernels(new_tokens: int) -> dict[str, tuple[int, float]]:
-        recrl_sample(model, ids, mask, config, max_new_tokens=new_tokens, cuda_graphs=False)  # warm-up
+        recrl_sample(model, ids, mask, config, max_new_tokens=new_tokens, **sampling)  # warm-up
         with profile(activities=[activity]) as profiler:
-            recrl_sample(model, ids, mask, config, max_new_tokens=new_tokens, cuda_graphs=False)
+            recrl_sample(model, ids, mask, config, max_new_tokens=new_tokens, **sampling)
             synchronize(device)
         totals: dict[str, tuple[int, float]] = {}
         for event in profiler.events():

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every CUDA check and benchmark in one go, about 4 minutes on one H100 / H200:
+# Every CUDA check and benchmark in one go, about 5 minutes on one H100 / H200:
 #
 #   bash experiments/bench_cuda.sh [OUTPUT_DIR] [DATA_DIR]
 #

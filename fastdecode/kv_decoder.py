@@ -18,10 +18,12 @@ of the same computation: the token ids come through a fixed buffer, the
 generated keys are read up to a bucket length (a multiple of
 ``graph_bucket``) with the positions past the current step masked to -inf,
 and the new K/V are written at a slot held in a device tensor. One graph is
-captured per (active rows, bucket length); prefill and ``keep_rows`` drop
-them, since they reallocate the prompt cache. The static form runs eagerly
-too (``static_decode=True``), which is how the CPU tests check it against
-the transformers forward.
+captured per (active rows, bucket length), all into one memory pool, made
+anew whenever prefill and ``keep_rows`` drop the graphs (they reallocate the
+prompt cache). The static form runs eagerly too (``static_decode=True``),
+which is how the CPU tests check it against the transformers forward.
+``compile_step`` fuses its element-wise chains with ``torch.compile`` before
+capture (off by default: 1.02x at Q05, see ``step_functions``).
 
 Numerics mirror transformers (checked against the installed 5.x source):
 RMSNorm in fp32 then cast, RoPE cos/sin taken from the model's own
@@ -70,6 +72,10 @@ Typical use (the sampler in ``engine/rollout.py``)::
 """
 
 from __future__ import annotations
+
+import functools
+import time
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -131,7 +137,150 @@ def unsupported_reason(model) -> str | None:
     inner = getattr(model, "model", None)
     if inner is None or not hasattr(inner, "rotary_emb") or not hasattr(inner, "layers"):
         return "it lacks the usual model.layers / model.rotary_emb structure"
+    eps = {float(norm.variance_epsilon) for layer in inner.layers
+           for norm in (layer.input_layernorm, layer.post_attention_layernorm)}
+    if len(eps) > 1:
+        return f"its layers' RMSNorm eps differ ({sorted(eps)})"
     return None
+
+
+# --------------------------------------------------------------------------- the layer math
+# Module-level so that the eager step, the static (graph-shaped) step and its torch.compile'd
+# form run the same source; `sum_form` / `packed` pick the CPU fp32 variants (see the docstring).
+def rms_norm(x: Tensor, weight: Tensor | None, eps: float, sum_form: bool) -> Tensor:
+    """transformers' RMSNorm: x * rsqrt(mean(x^2) + eps) computed in fp32, rounded to
+    x's dtype, then times weight; None = weight folded into the next GEMM (fp32).
+    `F.rms_norm` without a weight does exactly the fp32-then-round part (it computes
+    in fp32 for bf16 / fp16 input), in one fused kernel on GPUs where the
+    spelled-out formula takes seven. On CPU in fp32 its kernel is a dozen small ops;
+    `sum_form`: x * rsqrt(sum(x^2) + d eps) = rms_norm(x) / sqrt(d) takes four (the
+    folded weights carry the sqrt(d))."""
+    if sum_form:
+        return x * (x * x).sum(-1, keepdim=True).add_(x.shape[-1] * eps).rsqrt_()
+    normalized = F.rms_norm(x, (x.shape[-1],), eps=eps)
+    return normalized if weight is None else weight * normalized
+
+
+def rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """x [..., n, D] -> x * cos + rotate_half(x) * sin; cos / sin [..., 1, D] (sin's first half negated)."""
+    half = x.shape[-1] // 2
+    swapped = torch.cat((x[..., half:], x[..., :half]), dim=-1)
+    return torch.addcmul(x * cos, swapped, sin)
+
+
+def linear(a: Tensor, weight: Tensor, bias: Tensor | None, packed: bool) -> Tensor:
+    """a @ weight.T (+ bias); `packed`: weight prepacked for oneDNN (CPU fp32)."""
+    if packed:
+        return torch.ops.mkldnn._linear_pointwise(a, weight, bias, "none", [], "")
+    return F.linear(a, weight, bias)
+
+
+def residual_linear(x: Tensor, a: Tensor, weight: Tensor, bias: Tensor | None, packed: bool) -> Tensor:
+    """x + a @ weight.T (+ bias), the residual add fused into the GEMM."""
+    if packed:
+        return torch.ops.mkldnn._linear_pointwise.binary(a, x, weight, bias, "add")
+    out = torch.addmm(x.flatten(0, -2), a.flatten(0, -2), weight.t()).view(x.shape)
+    return out if bias is None else out.add_(bias)
+
+
+class StepFunctions(NamedTuple):
+    """A decode step's math between the K/V cache writes, per layer: `attention_inputs` (RMSNorm,
+    the qkv GEMM, RoPE, q scaled), `attention_and_mlp` (attention over the cache, the o GEMM,
+    `mlp_residual`); then `logits` (final RMSNorm, LM head)."""
+
+    attention_inputs: Callable
+    attention_and_mlp: Callable
+    mlp_residual: Callable
+    logits: Callable
+
+
+@functools.lru_cache(maxsize=None)
+def step_functions(heads: int, kv_heads: int, scaling: float, intermediate: int, layer_eps: float, norm_eps: float,
+                   sum_form: bool, packed: bool, backend: str | None) -> StepFunctions:
+    """The decode step's functions for one model shape. `backend` (e.g. "inductor") compiles the
+    element-wise chains between the matrix products (RMSNorm and its weight; RoPE, the q scale and
+    the K/V split; SiLU times up) with `torch.compile(dynamic=True)`, one fused kernel each where
+    eager runs two to seven. The products, their bias / residual epilogues and the attention stay
+    cuBLAS calls: compiling the whole layer was measured slower on an H200 (0.91x; inductor split
+    the GEMM epilogues and the softmax into extra kernels and layout copies). One compilation
+    serves every layer, batch size and key length, and every decoder of this shape in the process
+    (hence the cache)."""
+    group = heads // kv_heads
+
+    def normalize(x: Tensor, weight: Tensor | None) -> Tensor:
+        return rms_norm(x, weight, layer_eps, sum_form)
+
+    def normalize_final(x: Tensor, weight: Tensor | None) -> Tensor:
+        return rms_norm(x, weight, norm_eps, sum_form)
+
+    def rotate_and_split(qkv: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+        """qkv [P, R, (H+2KV)*D]; cos / sin [P, R, 1, D] -> q [P*KV, R*G, D] (scaled; rows in (prompt, kv head,
+        sample, head) order, the order the shared prompt keys are read in) and new_kv [2, P, KV, R, D]."""
+        P, R, _ = qkv.shape
+        qkv = qkv.view(P, R, heads + 2 * kv_heads, -1)                            # [P, R, H+2KV, D]
+        D = qkv.shape[-1]
+        qk = rope(qkv[:, :, : heads + kv_heads], cos, sin)                        # [P, R, H+KV, D]
+        q = qk[:, :, :heads].reshape(P, R, kv_heads, group, D).transpose(1, 2)    # [P, KV, R, G, D]
+        q = (q * scaling).reshape(P * kv_heads, R * group, D)
+        new_kv = torch.stack((qk[:, :, heads:], qkv[:, :, heads + kv_heads:]))   # [2, P, R, KV, D]
+        return q, new_kv.transpose(2, 3)                                          # [2, P, KV, R, D]
+
+    def gated_activation(gate_and_up: Tensor) -> Tensor:
+        """silu(gate) * up, gate and up the two halves of one GEMM's output."""
+        gate, up = gate_and_up[..., :intermediate], gate_and_up[..., intermediate:]
+        if backend is None:
+            return F.silu(gate, inplace=True).mul_(up)  # eager: in place, no new tensor
+        return F.silu(gate) * up  # compiled: one kernel; in place it would also write the input back
+
+    if backend is not None:
+        compile_ = functools.partial(torch.compile, backend=backend, dynamic=True, fullgraph=True)
+        normalize, normalize_final = compile_(normalize), compile_(normalize_final)
+        rotate_and_split, gated_activation = compile_(rotate_and_split), compile_(gated_activation)
+
+    def attention_inputs(x: Tensor, norm_weight: Tensor | None, qkv_weight: Tensor, qkv_bias: Tensor | None,
+                         cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+        """x [P, R, hidden] -> q [P*KV, R*G, D], new_kv [2, P, KV, R, D] (see rotate_and_split)."""
+        return rotate_and_split(linear(normalize(x, norm_weight), qkv_weight, qkv_bias, packed), cos, sin)
+
+    def mlp_residual(x: Tensor, norm_weight: Tensor | None, gate_up: Tensor, gate_up_bias: Tensor | None,
+                     down: Tensor, down_bias: Tensor | None) -> Tensor:
+        """x + down(silu(gate(h)) * up(h)), h = RMSNorm(x); gate and up are one GEMM."""
+        act = gated_activation(linear(normalize(x, norm_weight), gate_up, gate_up_bias, packed))
+        return residual_linear(x, act, down, down_bias, packed)
+
+    def attention_and_mlp(x: Tensor, q: Tensor, prompt_bias: Tensor, prompt_keys: Tensor, prompt_values: Tensor,
+                          generated_keys: Tensor, generated_values: Tensor, generated_bias: Tensor | None,
+                          o_weight: Tensor, o_bias: Tensor | None, norm_weight: Tensor | None, gate_up: Tensor,
+                          gate_up_bias: Tensor | None, down: Tensor, down_bias: Tensor | None) -> Tensor:
+        """x [P, R, hidden]; q [P*KV, R*G, D]; prompt_keys / values [P*KV, S, D] (shared by a prompt's
+        samples), prompt_bias [P*KV, 1, S] (-inf at padding); generated_keys / values [P*KV*R, L, D],
+        generated_bias [L] (-inf at slots not yet written; None: all L are written) -> x [P, R, hidden]."""
+        P, R, _ = x.shape
+        S, D = prompt_keys.shape[1], prompt_keys.shape[2]
+        rows = P * kv_heads * R                                                   # one per (prompt, kv, sample)
+        # scores: shared prompt keys (one GEMM per prompt x kv head) ++ the row's own generated keys
+        prompt_scores = torch.baddbmm(prompt_bias, q, prompt_keys.transpose(1, 2))     # [P*KV, R*G, S]
+        q_rows = q.view(rows, group, D)
+        if generated_bias is None:
+            generated_scores = torch.bmm(q_rows, generated_keys.transpose(1, 2))        # [P*KV*R, G, L]
+        else:
+            generated_scores = torch.baddbmm(generated_bias, q_rows, generated_keys.transpose(1, 2))
+        scores = torch.cat((prompt_scores.view(rows, group, S), generated_scores), dim=-1)  # [P*KV*R, G, S+L]
+        if scores.dtype == torch.float32:
+            probs = torch.softmax(scores, dim=-1)
+        else:  # low precision: softmax in fp32 as transformers' eager attention
+            probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(scores.dtype)
+        out = torch.bmm(probs.view(P * kv_heads, R * group, -1)[:, :, :S], prompt_values)  # [P*KV, R*G, D]
+        out = out.view(rows, group, D).baddbmm_(probs[:, :, S:], generated_values)
+        out = out.view(P, kv_heads, R, group, D).transpose(1, 2).reshape(P, R, heads * D)
+        x = residual_linear(x, out, o_weight, o_bias, packed)
+        return mlp_residual(x, norm_weight, gate_up, gate_up_bias, down, down_bias)
+
+    def logits(x: Tensor, norm_weight: Tensor | None, head: Tensor, head_bias: Tensor | None) -> Tensor:
+        """x [B, hidden] -> logits [B, V] in fp32."""
+        return linear(normalize_final(x, norm_weight), head, head_bias, packed).float()
+
+    return StepFunctions(attention_inputs, attention_and_mlp, mlp_residual, logits)
 
 
 class KVDecoder:
@@ -144,7 +293,7 @@ class KVDecoder:
 
     def __init__(self, model, max_batch_size: int, max_total_length: int, pack_weights: bool | None = None,
                  dtype: torch.dtype | None = None, cuda_graphs: bool | None = None, static_decode: bool = False,
-                 graph_bucket: int = 64):
+                 graph_bucket: int = 64, compile_step: bool | str = False):
         """Snapshot ``model``'s current weights; preallocate the cache for up to
         ``max_batch_size`` rows (= prompts x repeats) and ``max_total_length``
         positions (padded prompt length + new tokens).
@@ -155,7 +304,13 @@ class KVDecoder:
         capture the decode step (None = on when the model is on CUDA).
         ``static_decode``: run the graph-shaped step eagerly (for tests).
         ``graph_bucket``: generated-key length granularity of the captured
-        steps. Cost: a few cats/copies of the weights (~10 ms at C0)."""
+        steps. ``compile_step``: fuse the static step's element-wise chains with
+        ``torch.compile`` (True = inductor, which needs Triton; a string = that
+        backend); the graphs then replay the fused kernels. Off by default: on an
+        H200 at Q05 it gave 1.02x, the step being bound by its small matrix
+        products (`step_functions`), and the first decoder of a model shape in a
+        process pays the compilation (~20 s there).
+        Cost: a few cats/copies of the weights (~10 ms at C0)."""
         if not self.supports(model):
             raise ValueError(f"KVDecoder cannot sample {type(model).__name__}: {unsupported_reason(model)}")
         inner = model.model
@@ -174,6 +329,9 @@ class KVDecoder:
             raise ValueError(f"graph_bucket must be >= 1, got {graph_bucket}")
         self.cuda_graphs = bool(cuda_graphs)
         self.static_decode = bool(static_decode) or self.cuda_graphs
+        if compile_step and not self.static_decode:
+            raise ValueError("compile_step compiles the static decode step: turn on cuda_graphs or static_decode")
+        self.compile_backend = ("inductor" if compile_step is True else compile_step) if compile_step else None
         self.graph_bucket = int(graph_bucket)
         self.n_heads = config.num_attention_heads
         self.n_kv = config.num_key_value_heads
@@ -201,13 +359,11 @@ class KVDecoder:
                     gu_b = snap(torch.cat([m.gate_proj.bias, m.up_proj.bias]))
                 self.layers.append(dict(
                     ln1=snap(layer.input_layernorm.weight),
-                    eps1=float(layer.input_layernorm.variance_epsilon),
                     qkv=snap(torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight])),
                     qkv_b=qkv_b,
                     o=snap(a.o_proj.weight),
                     o_b=snap(a.o_proj.bias),
                     ln2=snap(layer.post_attention_layernorm.weight),
-                    eps2=float(layer.post_attention_layernorm.variance_epsilon),
                     gu=snap(torch.cat([m.gate_proj.weight, m.up_proj.weight])),
                     gu_b=gu_b,
                     down=snap(m.down_proj.weight),
@@ -215,6 +371,7 @@ class KVDecoder:
                 ))
             self.norm_w = snap(inner.norm.weight)
             self.norm_eps = float(inner.norm.variance_epsilon)
+            self.layer_eps = float(inner.layers[0].input_layernorm.variance_epsilon)  # the same in every layer
             self.lm_head = snap(model.lm_head.weight)
             self.lm_head_b = snap(getattr(model.lm_head, "bias", None))
             self.intermediate = self.layers[0]["gu"].shape[0] // 2
@@ -242,6 +399,8 @@ class KVDecoder:
                 pack_weights = self.device.type == "cpu" and self.dtype == torch.float32
             self.packed = (bool(pack_weights) and self.device.type == "cpu"
                            and self.dtype == torch.float32 and _onednn_available())
+            if self.packed and self.compile_backend is not None:
+                raise ValueError("compile_step cannot compile oneDNN-packed weights: pass pack_weights=False")
             if self.packed:
                 pack = lambda w: torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), self.max_batch)
                 for lw in self.layers:
@@ -272,9 +431,8 @@ class KVDecoder:
         shape = (n_layers, self.max_batch * self.n_kv, self.max_len, self.head_dim)
         # the static step reads slots not yet written (masked): they must hold finite values
         allocate = torch.zeros if self.static_decode else torch.empty
-        self.gk = allocate(shape, device=self.device, dtype=self.dtype)
-        self.gv = allocate(shape, device=self.device, dtype=self.dtype)
-        self.qbuf = torch.empty(self.max_batch * self.n_heads * self.head_dim, device=self.device, dtype=self.dtype)
+        self.generated_kv = allocate((n_layers, 2, *shape[1:]), device=self.device, dtype=self.dtype)
+        self.gk, self.gv = self.generated_kv[:, 0], self.generated_kv[:, 1]  # views: [layers, rows*KV, Lmax, D]
         self.pk = self.pv = self.pbias = None
         self.positions = torch.zeros(self.max_batch, dtype=torch.long, device=self.device)
         self.P = self.R = 0  # active rows = P * R, row = p * R + r
@@ -285,59 +443,24 @@ class KVDecoder:
         self.step_index = torch.zeros((), dtype=torch.long, device=self.device)        # == self.t
         self.generated_slots = torch.arange(self.max_len, device=self.device)          # [Lmax]
         self.token_buffer = torch.zeros(self.max_batch, dtype=torch.long, device=self.device)
-        # each graph keeps its own memory pool (~60 MB at Q05: the step's temporaries
-        # and its logits). A pool shared by all graphs was tried: capturing into it
-        # after keep_rows had dropped every graph that used it fails an allocator
-        # assertion in torch 2.11 ("use_count > 0").
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, Tensor]] = {}
+        self.graph_pool = None  # one memory pool for the graphs captured since the last drop
+        self.captures, self.capture_seconds = 0, 0.0  # graphs captured, and the host time spent on it
+
+        # the step's math (module functions above); the static step runs it compiled when asked
+        constants = (self.n_heads, self.n_kv, self.scaling, self.intermediate, self.layer_eps, self.norm_eps,
+                     self.sum_norm, self.packed)
+        self.eager_steps = step_functions(*constants, backend=None)
+        self.static_steps = step_functions(*constants, backend=self.compile_backend)
 
     @property
     def n_rows(self) -> int:
         return self.P * self.R
 
-    # ------------------------------------------------------------- helpers
-    def _rms(self, x: Tensor, w: Tensor | None, eps: float) -> Tensor:
-        """transformers' RMSNorm: x * rsqrt(mean(x^2) + eps) computed in fp32, rounded to
-        x's dtype, then times w; w None = weight folded into the next GEMM (fp32).
-        `F.rms_norm` without a weight does exactly the fp32-then-round part (it computes
-        in fp32 for bf16 / fp16 input), in one fused kernel on GPUs where the
-        spelled-out formula takes seven. On CPU in fp32 its kernel is a dozen small ops;
-        x * rsqrt(sum(x^2) + d eps) = rms_norm(x) / sqrt(d) takes four (the folded
-        weights carry the sqrt(d))."""
-        if self.sum_norm:
-            return x * (x * x).sum(-1, keepdim=True).add_(x.shape[-1] * eps).rsqrt_()
-        normalized = F.rms_norm(x, (x.shape[-1],), eps=eps)
-        return normalized if w is None else w * normalized
-
-    def _rope(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-        """x [..., n, D] -> x * cos + rotate_half(x) * sin; cos/sin broadcast [..., 1, D]."""
-        half = self.head_dim // 2
-        swapped = torch.cat((x[..., half:], x[..., :half]), dim=-1)
-        return torch.addcmul(x * cos, swapped, sin)
-
-    def _linear(self, a: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
-        if self.packed:
-            return torch.ops.mkldnn._linear_pointwise(a, w, b, "none", [], "")
-        return F.linear(a, w, b)
-
-    def _residual_linear(self, x: Tensor, a: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
-        """x + a @ w.T (+ b), the residual add fused into the GEMM."""
-        if self.packed:
-            return torch.ops.mkldnn._linear_pointwise.binary(a, x, w, b, "add")
-        out = torch.addmm(x.flatten(0, -2), a.flatten(0, -2), w.t()).view(x.shape)
-        return out if b is None else out.add_(b)
-
-    def _mlp_residual(self, x: Tensor, lw: dict) -> Tensor:
-        h = self._rms(x, lw["ln2"], lw["eps2"])
-        gu = self._linear(h, lw["gu"], lw["gu_b"])
-        inter = self.intermediate
-        act = F.silu(gu[..., :inter], inplace=True).mul_(gu[..., inter:])
-        return self._residual_linear(x, act, lw["down"], lw["down_b"])
-
     # ------------------------------------------------------------- prefill
     @torch.inference_mode()
     def prefill(self, input_ids: Tensor, attention_mask: Tensor, repeats: int) -> Tensor:
-        self.graphs.clear()  # they point at the prompt cache, which is about to be replaced
+        self._drop_graphs()
         P, S = input_ids.shape
         R = int(repeats)
         B = P * R
@@ -367,10 +490,10 @@ class KVDecoder:
 
         x = F.embedding(input_ids, self.embed)              # [P, S, hidden]
         for li, lw in enumerate(self.layers):
-            h = self._rms(x, lw["ln1"], lw["eps1"])
-            qkv = self._linear(h, lw["qkv"], lw["qkv_b"])       # [P, S, (H+2KV)*D]
+            h = rms_norm(x, lw["ln1"], self.layer_eps, self.sum_norm)
+            qkv = linear(h, lw["qkv"], lw["qkv_b"], self.packed)  # [P, S, (H+2KV)*D]
             qkv = qkv.view(P, S, H + 2 * KV, D).transpose(1, 2)  # [P, H+2KV, S, D]
-            qk = self._rope(qkv[:, : H + KV], cos, sin)     # [P, H+KV, S, D]
+            qk = rope(qkv[:, : H + KV], cos, sin)           # [P, H+KV, S, D]
             k = self.pk[li].view(P, KV, S, D)
             v = self.pv[li].view(P, KV, S, D)
             k.copy_(qk[:, H:])
@@ -382,11 +505,10 @@ class KVDecoder:
             o = F.scaled_dot_product_attention(qk[:, :H], k_heads, v_heads, attn_mask=allowed,
                                                scale=self.scaling)                # [P, H, S, D]
             o = o.transpose(1, 2).reshape(P, S, H * D)
-            x = self._residual_linear(x, o, lw["o"], lw["o_b"])
-            x = self._mlp_residual(x, lw)
+            x = residual_linear(x, o, lw["o"], lw["o_b"], self.packed)
+            x = self.eager_steps.mlp_residual(x, lw["ln2"], lw["gu"], lw["gu_b"], lw["down"], lw["down_b"])
 
-        last = self._rms(x[:, -1], self.norm_w, self.norm_eps)    # [P, hidden]
-        logits = self._linear(last, self.lm_head, self.lm_head_b).float()
+        logits = self.eager_steps.logits(x[:, -1], self.norm_w, self.lm_head, self.lm_head_b)  # [P, V]
 
         # per-row decode state
         self.P, self.R, self.S, self.t = P, R, S, 0
@@ -431,80 +553,70 @@ class KVDecoder:
         False): exactly t + 1, and t is a Python int. Static: a bucket length
         >= t + 1, slots after t masked to -inf, and t read from
         ``self.step_index`` on the device, so the same kernels serve every step
-        of a bucket (what a CUDA graph needs). Neither form changes any state
+        of a bucket (what a CUDA graph needs); the static step runs the compiled
+        functions when ``compile_step`` is on. Neither form changes any state
         other than the K/V at slot t, so re-running a step is harmless."""
         P, R, S, t = self.P, self.R, self.S, self.t
-        B = P * R
-        H, KV, D, G = self.n_heads, self.n_kv, self.head_dim, self.group
-        BK, L = B * KV, kv_length
-        pos = self.positions[:B]
-        cos = self.cos.index_select(0, pos).unsqueeze(1)            # [B, 1, D]
-        sin = self.sin.index_select(0, pos).unsqueeze(1)
-        qb = self.qbuf[: B * H * D].view(P, KV, R, G, D)             # q in (p, kv, r, g) order
-        qp = qb.view(P * KV, R * G, D)
-        qg = qb.view(BK, G, D)
-        fp32 = self.dtype == torch.float32
+        B, KV, D, L = P * R, self.n_kv, self.head_dim, kv_length
+        positions = self.positions[:B]
+        cos = self.cos.index_select(0, positions).view(P, R, 1, D)             # [P, R, 1, D]
+        sin = self.sin.index_select(0, positions).view(P, R, 1, D)
+        steps = self.static_steps if static else self.eager_steps
+        generated_bias = None
         if static:
             slot = self.step_index.view(1)                                       # [1] = t
             future = self.generated_slots[:L] > self.step_index                  # [L] slots after t
             generated_bias = torch.zeros(L, device=self.device, dtype=self.dtype).masked_fill_(future, float("-inf"))
 
-        x = F.embedding(token_ids, self.embed)                      # [B, hidden]
+        x = F.embedding(token_ids, self.embed).view(P, R, self.hidden)          # [P, R, hidden]
         for li, lw in enumerate(self.layers):
-            h = self._rms(x, lw["ln1"], lw["eps1"])
-            qkv = self._linear(h, lw["qkv"], lw["qkv_b"]).view(B, H + 2 * KV, D)
-            qk = self._rope(qkv[:, : H + KV], cos, sin)             # [B, H+KV, D]
-            gk = self.gk[li, :BK]                                   # [BK, Lmax, D]
-            gv = self.gv[li, :BK]
-            new_k = qk[:, H:].view(P, R, KV, D).transpose(1, 2)     # [P, KV, R, D], rows in cache order
-            new_v = qkv[:, H + KV:].view(P, R, KV, D).transpose(1, 2)
+            q, new_kv = steps.attention_inputs(x, lw["ln1"], lw["qkv"], lw["qkv_b"], cos, sin)
+            generated_kv = self.generated_kv[li, :, : B * KV]                    # [2, B*KV, Lmax, D]
             if static:
-                gk.view(P, KV, R, -1, D).index_copy_(3, slot, new_k.unsqueeze(3))
-                gv.view(P, KV, R, -1, D).index_copy_(3, slot, new_v.unsqueeze(3))
+                generated_kv.view(2, P, KV, R, -1, D).index_copy_(4, slot, new_kv.unsqueeze(4))
             else:
-                gk[:, t].view(P, KV, R, D).copy_(new_k)
-                gv[:, t].view(P, KV, R, D).copy_(new_v)
-            torch.mul(qk[:, :H].view(P, R, KV, G, D).transpose(1, 2), self.scaling, out=qb)
-            # scores: shared prompt keys (one GEMM per prompt x kv head) ++ own generated keys
-            sp = torch.baddbmm(self.pbias, qp, self.pk[li].transpose(1, 2))   # [P*KV, R*G, S]
-            if static:  # slots after t masked
-                sg = torch.baddbmm(generated_bias, qg, gk[:, :L].transpose(1, 2))  # [BK, G, L]
-            else:
-                sg = torch.bmm(qg, gk[:, :L].transpose(1, 2))                      # [BK, G, L]
-            scores = torch.cat((sp.view(BK, G, S), sg), dim=-1)               # [BK, G, S+L]
-            if fp32:
-                probs = torch.softmax(scores, dim=-1)
-            else:  # low precision: softmax in fp32 as transformers' eager attention
-                probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(self.dtype)
-            o = torch.bmm(probs.view(P * KV, R * G, S + L)[:, :, :S], self.pv[li])  # [P*KV, R*G, D]
-            o.view(BK, G, D).baddbmm_(probs[:, :, S:], gv[:, :L])
-            o = o.view(P, KV, R, G, D).transpose(1, 2).reshape(B, H * D)
-            x = self._residual_linear(x, o, lw["o"], lw["o_b"])
-            x = self._mlp_residual(x, lw)
-
-        x = self._rms(x, self.norm_w, self.norm_eps)
-        logits = self._linear(x, self.lm_head, self.lm_head_b)
-        return logits if logits.dtype == torch.float32 else logits.float()
+                generated_kv[:, :, t].view(2, P, KV, R, D).copy_(new_kv)
+            x = steps.attention_and_mlp(
+                x, q, self.pbias, self.pk[li], self.pv[li], generated_kv[0, :, :L], generated_kv[1, :, :L],
+                generated_bias, lw["o"], lw["o_b"], lw["ln2"], lw["gu"], lw["gu_b"], lw["down"], lw["down_b"])
+        return steps.logits(x.view(B, self.hidden), self.norm_w, self.lm_head, self.lm_head_b)  # [B, V] fp32
 
     def _replay(self, B: int, kv_length: int) -> Tensor:
-        """Run the static step for (B rows, kv_length) as a CUDA graph, capturing it on first use."""
+        """Run the static step for (B rows, kv_length) as a CUDA graph, capturing it on first use.
+
+        The graphs captured since the last `_drop_graphs` share one memory pool (safe: they are
+        replayed one at a time, and each one's logits stay allocated while it is kept)."""
         key = (B, kv_length)
         if key not in self.graphs:
+            start = time.perf_counter()
             tokens = self.token_buffer[:B]
-            # warm-up on a side stream (lazy cuBLAS / allocator set-up must not
-            # happen during capture); the step is idempotent, so this is harmless
+            # warm-up on a side stream (lazy cuBLAS / allocator set-up, and the first call of a
+            # compiled step, must not happen during capture); the step is idempotent, so this is harmless
             side = torch.cuda.Stream(self.device)
             side.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(side):
                 self._decode_step(tokens, kv_length, static=True)
             torch.cuda.current_stream(self.device).wait_stream(side)
+            if self.graph_pool is None:
+                self.graph_pool = torch.cuda.graph_pool_handle()
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
+            with torch.cuda.graph(graph, pool=self.graph_pool):
                 logits = self._decode_step(tokens, kv_length, static=True)
             self.graphs[key] = (graph, logits)
+            self.captures += 1
+            self.capture_seconds += time.perf_counter() - start
         graph, logits = self.graphs[key]
         graph.replay()
         return logits
+
+    def _drop_graphs(self) -> None:
+        """Forget the captured graphs (they point at the prompt cache, which is about to be replaced)
+        and their pool. A pool's handle must not be reused once every graph captured into it is
+        gone: the allocator then marks the pool free (use count 0) but keeps it until its blocks
+        are released, and a new capture into it fails PyTorch's CUDA caching allocator's internal
+        assertion `use_count > 0` (seen in torch 2.11). Hence a fresh pool after each drop."""
+        self.graphs.clear()
+        self.graph_pool = None
 
     # ----------------------------------------------------------- compaction
     @torch.inference_mode()
@@ -518,7 +630,7 @@ class KVDecoder:
         ``repeats = 1``, i.e. prompt keys are no longer shared within a group,
         which costs a little attention time per row). Worth calling when a
         sizeable fraction of rows has finished, not every step."""
-        self.graphs.clear()  # they point at the prompt cache, which is about to be replaced
+        self._drop_graphs()
         idx = row_indices.to(self.device, torch.long)
         n = idx.shape[0]
         P, R, S, t, KV = self.P, self.R, self.S, self.t, self.n_kv

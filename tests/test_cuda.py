@@ -37,6 +37,9 @@ def _model(tokenizer, architecture="qwen2", tie=False, dtype=torch.float32):
 
 
 def _sample(model, tokenizer, temperature, group_size=4, max_new_tokens=24, eos=None, seed=0, **sampling):
+    """Sample with the fast decoder in the model's own precision unless `dtype` is given ("auto",
+    the default of SamplingConfig, would sample an fp32 model in bf16 on CUDA)."""
+    sampling.setdefault("dtype", "model")
     ids, mask = _prompts(tokenizer)
     config = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature or 1.0, **sampling)
     return sample(model, ids, mask, group_size, config, [tokenizer.eos_token_id] if eos is None else eos,
@@ -76,9 +79,11 @@ def test_captured_decode_matches_eager_and_transformers(tokenizer, architecture)
     ids, mask = _prompts(tokenizer)
     P, S = ids.shape
     R, steps = 2, 11
-    graphed = KVDecoder(model, P * R, S + steps + 1, graph_bucket=4)  # buckets 4, 8, 12: two boundaries
+    # buckets 4, 8, 12: two boundaries; the element-wise chains fused by inductor
+    graphed = KVDecoder(model, P * R, S + steps + 1, graph_bucket=4, compile_step=True)
     eager = KVDecoder(model, P * R, S + steps + 1, cuda_graphs=False)
     assert graphed.cuda_graphs and not eager.cuda_graphs
+    assert graphed.compile_backend == "inductor" and eager.compile_backend is None
     torch.testing.assert_close(graphed.prefill(ids, mask, R), eager.prefill(ids, mask, R), atol=1e-5, rtol=0)
     full_ids, full_mask = ids.repeat_interleave(R, 0), mask.repeat_interleave(R, 0).long()
     generator = torch.Generator(device=CUDA).manual_seed(0)
@@ -96,6 +101,9 @@ def test_captured_decode_matches_eager_and_transformers(tokenizer, architecture)
         torch.testing.assert_close(out_graphed, out_eager, atol=1e-4, rtol=0)
         torch.testing.assert_close(out_graphed, hf_logits(model, full_ids, full_mask)[:, -1], atol=1e-4, rtol=0)
     assert sorted(graphed.graphs) == [(4, 8), (4, 12)]  # captured after the last keep_rows
+    # (6, 4), (6, 8), then, into a fresh pool after keep_rows dropped both (the case that used
+    # to fail the allocator's assertion), (4, 8), (4, 12)
+    assert graphed.captures == 4
 
 
 @pytest.mark.parametrize("architecture", ["qwen2", "llama"])
@@ -121,15 +129,18 @@ def test_greedy_equals_transformers_generate(tokenizer):
             assert rollout.completion_ids[row, :length].tolist() == generated[row, :length].tolist()
 
 
-def test_graphs_on_and_off_sample_the_same_tokens(tokenizer):
+@pytest.mark.parametrize("variant", [dict(cuda_graphs=False), dict(compile_decode=True)],
+                         ids=["graphs_off", "compile_on"])
+def test_graphs_off_and_compile_on_sample_the_same_tokens(tokenizer, variant):
+    """The default (captured, uncompiled step) against the eager step and against the fused one."""
     model = _model(tokenizer)
-    on = _sample(model, tokenizer, 1.0, seed=5)
-    off = _sample(model, tokenizer, 1.0, seed=5, cuda_graphs=False)
+    default = _sample(model, tokenizer, 1.0, seed=5)
+    other = _sample(model, tokenizer, 1.0, seed=5, **variant)
     # Same exponential draws, logits equal to ~1e-6: the race's winner changes only when
     # two candidates' p / E are within ~1e-6, which would change (at most) one row from there on.
-    same_rows = (on.completion_ids == off.completion_ids).all(dim=1)  # [B]
+    same_rows = (default.completion_ids == other.completion_ids).all(dim=1)  # [B]
     assert int((~same_rows).sum()) <= 1
-    torch.testing.assert_close(on.old_logprobs[same_rows], off.old_logprobs[same_rows], atol=1e-4, rtol=0)
+    torch.testing.assert_close(default.old_logprobs[same_rows], other.old_logprobs[same_rows], atol=1e-4, rtol=0)
 
 
 def test_bf16_model_sampler_matches_recompute(tokenizer):

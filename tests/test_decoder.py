@@ -133,6 +133,39 @@ def test_keep_rows_matches_hf(static):
         torch.testing.assert_close(out, hf_logits(model, full_ids, full_mask)[:, -1], atol=TOL, rtol=0)
 
 
+@pytest.mark.slow
+def test_compiled_static_step_matches_hf():
+    """The static step through torch.compile (dynamic shapes, no graph breaks) still equals the
+    transformers forward, across bucket boundaries, a row drop and a second decoder of the same
+    shape. "aot_eager" traces and functionalises the step as inductor does, without generating
+    kernels (tests/test_cuda.py checks inductor's kernels on a GPU)."""
+    model = _randomize(MODELS["llama3_rope_gqa4"]())
+    V = model.config.vocab_size
+    ids, mask = _prompts([7, 3, 10], 10, V, seed=2)
+    R, steps = 2, 6
+    for _ in range(2):  # the second decoder reuses the first one's compiled functions
+        dec = KVDecoder(model, max_batch_size=6, max_total_length=ids.shape[1] + steps + 2, static_decode=True,
+                        graph_bucket=4, pack_weights=False, compile_step="aot_eager")
+        assert dec.compile_backend == "aot_eager" and dec.static_steps is not dec.eager_steps
+        dec.prefill(ids, mask, repeats=R)
+        full_ids, full_mask = ids.repeat_interleave(R, 0), mask.repeat_interleave(R, 0)
+        generator = torch.Generator().manual_seed(7)
+        for step in range(steps):
+            if step == 3:
+                keep = torch.tensor([5, 0, 3])  # drop rows and reorder: one row per prompt from here on
+                dec.keep_rows(keep)
+                full_ids, full_mask = full_ids[keep], full_mask[keep]
+            tokens = torch.randint(1, V, (full_ids.shape[0],), generator=generator)
+            full_ids = torch.cat([full_ids, tokens[:, None]], 1)
+            full_mask = torch.cat([full_mask, torch.ones(full_ids.shape[0], 1, dtype=torch.long)], 1)
+            torch.testing.assert_close(dec.decode(tokens), hf_logits(model, full_ids, full_mask)[:, -1],
+                                       atol=TOL, rtol=0)
+    with pytest.raises(ValueError, match="static decode step"):
+        KVDecoder(model, 2, 8, compile_step=True)  # CPU, no graphs: nothing static to compile
+    with pytest.raises(ValueError, match="pack_weights=False"):
+        KVDecoder(model, 2, 8, static_decode=True, compile_step=True, pack_weights=True)
+
+
 def test_weights_snapshot_at_construction():
     model = _randomize(_qwen2(True))
     ids, mask = _prompts([3, 5], 5, model.config.vocab_size)
