@@ -186,6 +186,8 @@ def describe_environment() -> dict:
         "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
         "numpy": np.__version__, "platform": platform.platform(),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        # CPU results depend on it: another thread count sums in another order (README, RecPO)
+        "cpu_threads": torch.get_num_threads(),
     }
 
 
