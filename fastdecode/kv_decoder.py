@@ -40,7 +40,7 @@ weights are prepacked for oneDNN (``torch.ops.mkldnn._linear_pointwise``;
 ~2x faster than MKL sgemm for these skinny shapes on the machine this was
 first measured on; on an AMD EPYC, one thread, within 20% of MKL either way,
 faster for the LM head), and the RMSNorm is four small ops instead of the dozen
-of ``F.rms_norm``'s CPU kernel (``_rms``). The prompt's K/V are kept
+of ``F.rms_norm``'s CPU kernel (``rms_norm``). The prompt's K/V are kept
 once per prompt, not per sample: single-query attention is one GEMM of the
 ``repeats x heads_per_kv`` queries of a (prompt, kv head) against the shared
 prompt keys plus a batched GEMM of each row against its own generated keys,
@@ -381,7 +381,7 @@ class KVDecoder:
             # bare x * rsqrt(mean(x^2) + eps). Low precision keeps transformers'
             # exact order of roundings instead.
             # On CPU the norm is x * rsqrt(sum(x^2) + hidden * eps), a factor
-            # sqrt(hidden) off, which the folded weights absorb (`_rms`).
+            # sqrt(hidden) off, which the folded weights absorb (`rms_norm`).
             self.fold_norms = self.dtype == torch.float32
             self.sum_norm = self.fold_norms and self.device.type == "cpu"
             scale = self.hidden ** 0.5 if self.sum_norm else 1.0
