@@ -200,11 +200,12 @@ def ratio_summary(numerators: list[float], denominators: list[float]) -> dict[st
 
 def recrl_sample(model, ids, mask, config: BenchConfig, max_new_tokens: int | None = None,
                  decoders: list | None = None, **sampling):
-    """The recrl sampler over the fast decoder; `decoders`: a list the decoder it made is appended to."""
+    """The recrl sampler over the fast decoder; `decoders`: a list left holding the decoder it made
+    (only the latest, so that earlier rollouts' caches and graphs are freed, not kept alive)."""
     def make_decoder(*args):
         decoder = fast_decoder(*args)
         if decoders is not None:
-            decoders.append(decoder)
+            decoders[:] = [decoder]
         return decoder
 
     # No EOS id can be sampled (-1), so every row runs to the full length, as generate does below.
