@@ -61,16 +61,17 @@ class _ChunkLogProbs(torch.autograd.Function):
         logits = _scaled_logits(raw.float(), hook, temperature)  # [B, C, V] float32
         chosen = logits.gather(-1, targets[..., None]).squeeze(-1)  # [B, C]
         maxes = logits.amax(dim=-1, keepdim=True)  # [B, C, 1]
-        # e = exp(z / tau - m) [B, C, V]: beside the logits when they are needed again, else over them
-        exponentials = (logits - maxes).exp_() if keep or with_entropy else logits.sub_(maxes).exp_()
+        # e = exp(z / tau - m) [B, C, V]: beside the logits when the entropy needs them again, else over them
+        exponentials = (logits - maxes).exp_() if with_entropy else logits.sub_(maxes).exp_()
         sums = exponentials.sum(dim=-1)  # [B, C]
         log_normaliser = sums.log() + maxes.squeeze(-1)  # [B, C] logsumexp(z / tau)
+        probabilities = exponentials.div_(sums[..., None]) if keep or with_entropy else None  # p = e / s, in place
         entropy = None
-        if with_entropy:  # -sum p log p = lse - sum e z / tau / s, counting 0 * -inf as 0
+        if with_entropy:  # -sum p log p = lse - sum p z / tau, counting 0 * -inf as 0
             values = logits.clamp_(min=torch.finfo(logits.dtype).min) if hook is not None else logits
-            dot = torch.bmm(exponentials.view(-1, 1, values.shape[-1]), values.view(-1, values.shape[-1], 1))
-            entropy = log_normaliser - dot.view_as(sums) / sums
-        ctx.probabilities = torch.sub(logits, log_normaliser[..., None], out=exponentials).exp_() if keep else None  # p
+            dot = torch.bmm(probabilities.view(-1, 1, values.shape[-1]), values.view(-1, values.shape[-1], 1))
+            entropy = log_normaliser - dot.view_as(sums)
+        ctx.probabilities = probabilities if keep else None
         ctx.save_for_backward(hidden, weight, bias, targets, log_normaliser)
         ctx.hook, ctx.temperature, ctx.compute_dtype = hook, temperature, raw.dtype
         ctx.mark_non_differentiable(*(() if entropy is None else (entropy,)))
@@ -81,7 +82,7 @@ class _ChunkLogProbs(torch.autograd.Function):
         hidden, weight, bias, targets, log_normaliser = ctx.saved_tensors
         dtype, needs = ctx.compute_dtype, ctx.needs_input_grad
         probabilities, ctx.probabilities = ctx.probabilities, None  # [B, C, V]; once (no double backward)
-        if probabilities is None:  # recompute p = exp(z / tau - lse), as the forward forms a kept p
+        if probabilities is None:  # recompute p = exp(z / tau - lse) (a kept p is e / s: equal up to rounding)
             raw = F.linear(hidden.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)).float()
             probabilities = _scaled_logits(raw, ctx.hook, ctx.temperature).sub_(log_normaliser[..., None]).exp_()
         grad_logits = probabilities.mul_(-grad_logprobs[..., None])  # dz = (onehot(y) - p) g / tau, in place

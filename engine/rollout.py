@@ -262,21 +262,22 @@ def sample(model, prompt_ids: Tensor, prompt_mask: Tensor, group_size: int, conf
         if logits_hook is not None:
             logits = logits_hook(logits[:, None], row_prompt_indices[decoder_rows],
                                  completion_ids[decoder_rows, : step + 1], step)[:, 0]  # [A, V]
-        scaled = logits / temperature  # [A, V] float32
-        logprobs_all = scaled.log_softmax(dim=-1)  # [A, V]
+        scaled = logits / temperature if temperature != 1.0 else logits  # [A, V] float32
+        # log pi(i) = z_i - m - log sum_j exp(z_j - m): one exp pass, whose values are also the sampling weights
+        maxes = scaled.amax(dim=-1, keepdim=True)  # [A, 1]
+        weights = torch.sub(scaled, maxes).exp_()  # [A, V] exp(z - m), proportional to the softmax
+        log_normaliser = weights.sum(dim=-1, keepdim=True).log_().add_(maxes)  # [A, 1] logsumexp(z)
         if greedy:
             tokens = scaled.argmax(dim=-1)  # [A]
         else:
             if config.top_k > 0 or config.top_p < 1.0:
-                probs = filter_logits(scaled, config.top_k, config.top_p).softmax(dim=-1)
-            else:
-                probs = logprobs_all.exp()  # [A, V]; the full softmax, already computed
-            tokens = sample_categorical(probs, generator=generator)  # [A]; exact, cheaper than multinomial
+                weights = filter_logits(scaled, config.top_k, config.top_p).softmax(dim=-1)
+            tokens = sample_categorical(weights, generator=generator)  # [A]; exact, cheaper than multinomial
         alive = ~done[decoder_rows]  # [A] rows that had not finished before this step
         tokens = torch.where(alive, tokens, torch.full_like(tokens, pad_token_id))
         completion_ids[decoder_rows, step] = tokens
         completion_mask[decoder_rows, step] = alive
-        old_logprobs[decoder_rows, step] = logprobs_all.gather(1, tokens[:, None]).squeeze(1) * alive
+        old_logprobs[decoder_rows, step] = (scaled.gather(1, tokens[:, None]) - log_normaliser).squeeze(1) * alive
         done[decoder_rows] = done[decoder_rows] | (alive & torch.isin(tokens, eos_ids))
         steps_taken = step + 1
         if step == max_new_tokens - 1:

@@ -1,5 +1,6 @@
 """`python -m experiments.bench SUITE [--device cpu|cuda] [--config C0|Q05] [--repeats N] [--clock wall|cpu]
-[--profile] [--bf16] [--json PATH]` and `python -m experiments.bench breakdown RUN_DIR [--json PATH]`.
+[--profile] [--bf16] [--default-allocator] [--json PATH]` and
+`python -m experiments.bench breakdown RUN_DIR [--json PATH]`.
 
 Suites (each prints one JSON object and a table of each timed part against its floor):
 
@@ -8,7 +9,8 @@ Suites (each prints one JSON object and a table of each timed part against its f
                sampler's prefill vs decode time
     logprobs   time and peak memory of the chunked selective log-softmax recompute vs a
                naive `log_softmax(logits).gather` over the full [B, T, V] tensor
-    step       one full GRPO step (rollout, rewards, update) with its per-phase breakdown;
+    step       one full GRPO step (rollout, rewards, update) with its per-phase breakdown and
+               the update's minor page faults (fresh host pages the kernel zero-fills);
                `--profile`: where one update's time goes, op by op (torch.profiler)
 
 Configs: C0 (tiny Qwen2: hidden 256, 4 layers, 4 heads / 2 kv, intermediate 688,
@@ -69,6 +71,11 @@ counts the graphs a rollout captures and the host time they take. The step suite
 state, samples with a bf16 decoder and trains under bf16 autocast, as a trainer
 would; `--bf16` does the same on CPU.
 
+Host memory. Like `experiments.run`, the bench first keeps freed host memory in the process
+(`engine/host_memory.py`: glibc's mmap and trim thresholds raised), so that a CPU step reuses
+the pages the last one freed; `--default-allocator` keeps glibc's defaults, to measure what
+that saves (the step suite's page faults per update show it directly).
+
 `breakdown RUN_DIR` splits the wall time of a finished run into SFT, rollout,
 reward, update and evaluation, from the run directory (`metrics.jsonl`'s
 time_*_s, the SFT checkpoint's `sft_time.json`).
@@ -92,6 +99,7 @@ from typing import Callable
 
 import torch
 
+from engine.host_memory import retain_freed_memory
 from engine.rollout import SamplingConfig, sample
 from fastdecode import fast_decoder
 
@@ -562,9 +570,11 @@ def profile_rollout(model, ids, mask, config: BenchConfig, device: str, steps: i
 def _logprobs_worker(args) -> tuple[list[float], int, list[float]]:
     """Run one log-prob variant in a fresh process; return (seconds per round, peak extra
     bytes, floor seconds per round). The peak is that of the first (warm-up) call."""
-    config, clock, variant, repeats = args
+    config, clock, variant, repeats, retain_memory = args
     device = clock.device
     torch.set_num_threads(max(torch.get_num_threads(), 1))
+    if retain_memory:  # as the parent process (a spawned one starts with glibc's defaults)
+        retain_freed_memory()
     from engine.logprobs import completion_logprobs
 
     model = build_model(config, device)
@@ -634,13 +644,13 @@ def peak_rss() -> int:
     return (kilobytes if kilobytes is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
-def bench_logprobs(config: BenchConfig, clock: Clock, repeats: int) -> dict:
+def bench_logprobs(config: BenchConfig, clock: Clock, repeats: int, retain_memory: bool = False) -> dict:
     device = clock.device
     context = multiprocessing.get_context("spawn")
     results = {}
     for variant in ("naive", "recrl"):
         with context.Pool(1) as pool:
-            results[variant] = pool.apply(_logprobs_worker, ((config, clock, variant, repeats),))
+            results[variant] = pool.apply(_logprobs_worker, ((config, clock, variant, repeats, retain_memory),))
     (naive_s, naive_peak, naive_floor), (recrl_s, recrl_peak, recrl_floor) = results["naive"], results["recrl"]
     flops = total_flops(logprobs_products(config, config.rows, LOGPROBS_CHUNK_SIZE))
     return {
@@ -674,7 +684,7 @@ def bench_step(config: BenchConfig, clock: Clock, repeats: int, profile: bool = 
     bound_step_s = decode_bytes_per_step(model, config, element_size=2) / copy_bandwidth(device) \
         if device == "cuda" else None
     phases: dict[str, list[float]] = {"rollout": [], "reward": [], "advantages": [], "update": []}
-    totals, rollout_floor, update_floor = [], [], []
+    totals, rollout_floor, update_floor, update_faults = [], [], [], []
     for step in range(repeats + 1):
         start = clock.now()
         rollout = recrl_sample(model, ids, mask, config, **sampling)
@@ -683,12 +693,15 @@ def bench_step(config: BenchConfig, clock: Clock, repeats: int, profile: bool = 
         after_reward = clock.now()
         unit_ids = strategy.unit_ids(rollout, rewards)
         advantages = strategy.advantages(rewards, rollout, unit_ids)
+        faults_before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         after_advantages = clock.now()
         with torch.autocast("cpu", dtype=torch.bfloat16) if bf16 and device == "cpu" else nullcontext():
             learner.update(PolicyBatch(rollout, rewards, unit_ids, advantages))
         end = clock.now()
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults_before
         if step == 0:
             continue  # warm-up
+        update_faults.append(faults)
         rollout_floor.append(rollout_floor_seconds(timer, config, prefill_products, decode_products, bound_step_s))
         update_floor.append(timer.seconds(learn_products))
         phases["rollout"].append(after_rollout - start)
@@ -699,6 +712,7 @@ def bench_step(config: BenchConfig, clock: Clock, repeats: int, profile: bool = 
     rollout_flops, update_flops = total_flops(prefill_products + decode_products), total_flops(learn_products)
     result = {"step_s": statistics.median(totals), "phases": {k: statistics.median(v) for k, v in phases.items()},
               "micro_batch_size": config.step_micro_batch_size, "rounds": {"step": totals, **phases},
+              "update_page_faults": statistics.median(update_faults),
               "floor": {"update": floor_report(update_flops, update_floor, phases["update"]),
                         "rollout": floor_report(rollout_flops, rollout_floor, phases["rollout"]),
                         "step": floor_report(rollout_flops + update_flops,
@@ -807,7 +821,9 @@ def cpu_name() -> str:
 def print_table(result: dict) -> None:
     """The headline figures, and each timed part next to its floor, on stderr."""
     for key, value in result.items():
-        if isinstance(value, float):
+        if key.endswith("page_faults"):
+            print(f"  {key:<24} {value:,.0f}", file=sys.stderr)
+        elif isinstance(value, float):
             print(f"  {key:<24} {value:,.4f}", file=sys.stderr)
     for part, report in result.get("floor", {}).items():
         if isinstance(report, dict):
@@ -854,6 +870,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
                             help="wall time, or the process's CPU time (one thread only: OMP_NUM_THREADS=1; on a "
                                  "shared machine it barely feels the other processes' load)")
+        parser.add_argument("--default-allocator", action="store_true",
+                            help="keep glibc's default malloc thresholds instead of retaining freed host memory "
+                                 "as experiments.run does (engine/host_memory.py): to measure what that saves")
         parser.add_argument("--bf16", action="store_true",
                             help="rollout, step on CPU: sample with a bf16 decoder snapshot (step: and update "
                                  "under bf16 autocast), as on CUDA")
@@ -870,20 +889,27 @@ def main(argv: list[str] | None = None) -> int:
             print("error: --device cuda: no CUDA device is available here", file=sys.stderr)
             return 2
         config = CONFIGS[args.config]
+        retained = False if args.default_allocator else retain_freed_memory()
         import transformers
 
         options = {"profile": True} if args.profile else {}
         if args.bf16:
             options["bf16"] = True
+        if args.suite == "logprobs":
+            options["retain_memory"] = retained  # its variants run in fresh processes
         result = {
             "suite": args.suite,
             "config": asdict(config),
             "device": torch.cuda.get_device_name(0) if args.device == "cuda"
             else f"cpu ({torch.get_num_threads()} threads, {cpu_name()})",
+            # whether this CPU computes bf16 products in hardware (AVX-512 BF16 / AMX); without, --bf16 is emulated
+            "cpu_vector_isa": torch.backends.cpu.get_cpu_capability(),
+            "cpu_bf16_products": bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()),
             "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                          "python": platform.python_version()},
             "repeats": args.repeats,
             "clock": args.clock,
+            "freed_host_memory_retained": retained,
             **SUITES[args.suite](config, Clock(args.device, args.clock), args.repeats, **options),
         }
     text = json.dumps(result, indent=2)

@@ -56,6 +56,7 @@ import numpy as np
 import torch
 
 from engine import distributed
+from engine.host_memory import retain_freed_memory
 from experiments.config import (
     RESUMABLE_CHANGES,
     ExperimentConfig,
@@ -191,14 +192,16 @@ def describe_environment() -> dict:
     }
 
 
-def write_config(run_dir: Path, config: ExperimentConfig, extra: dict, changes: dict | None = None) -> None:
-    """config.json: the resolved tree, the environment, the command and `extra` (merged into what is there);
-    a resume appends its changes. Written before any work, completed as the stages learn more."""
+def write_config(run_dir: Path, config: ExperimentConfig, extra: dict, changes: dict | None = None,
+                 environment: dict | None = None) -> None:
+    """config.json: the resolved tree, the environment (with `environment`'s facts), the command and `extra`
+    (merged into what is there); a resume appends its changes. Written before any work, completed as the stages
+    learn more."""
     from engine.trainer import atomic_write_json
 
     path = run_dir / "config.json"
     record = (json.loads(path.read_text()) if path.exists()
-              else {"environment": describe_environment(), "command": sys.argv})
+              else {"environment": {**describe_environment(), **(environment or {})}, "command": sys.argv})
     record.update(extra, config=to_dict(config))
     if changes is not None:
         record.setdefault("resumes", []).append({"time": time.strftime("%Y-%m-%d %H:%M:%S"), "command": sys.argv,
@@ -527,8 +530,10 @@ def main(argv: list[str] | None = None) -> int:
             raise UsageError(f"{processes} processes: only RL experiments run under torchrun, and "
                              f"trainer.prompts_per_step ({config.trainer.prompts_per_step}) must be a multiple of "
                              "the number of processes")
+        retained = retain_freed_memory()  # CPU steps reuse freed memory instead of faulting it in anew
         with claimed_run_directory(args, config) as run_dir:
-            write_config(run_dir, config, {}, changes if args.resume else None)
+            write_config(run_dir, config, {}, changes if args.resume else None,
+                         environment={"freed_host_memory_retained": retained})
             run_experiment(config, run_dir, data_dir=args.data_dir, resume=bool(args.resume))
         finished = True
     except (UsageError, ExperimentError, CheckpointError) as error:
