@@ -5,8 +5,8 @@ glibc's malloc serves every request above its mmap threshold (128 KiB at start, 
 the kernel once it exceeds the trim threshold. A training step on the CPU allocates and frees hundreds of
 megabytes of short-lived tensors (activations, their gradients, [rows, positions, vocab] logits chunks), so
 every step pays again for pages the last one gave back: the kernel zero-fills each on first touch, one minor
-page fault per 4 KiB. In the bench's C0 step loop (README, Performance) an update took 16,000-114,000 such
-faults (60-450 MiB zero-filled); with both thresholds raised, a few hundred to 3,500, none once warm.
+page fault per 4 KiB. In the bench's C0 step loop (README, Performance) an update took 29,000-114,000 such
+faults (110-450 MiB zero-filled); with both thresholds raised, 1 to 4,100 (medians of 7 rounds).
 
     retain_freed_memory()   # once, at the start of a CPU-heavy process (experiments.run and .bench do)
 
