@@ -22,21 +22,21 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import platform
+import os
 
 # mallopt parameters (glibc's malloc.h)
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
 
 MMAP_THRESHOLD_BYTES = 1 << 30  # requests up to 1 GiB come from the heap and are reused after free
-FALLBACK_MMAP_THRESHOLD_BYTES = 32 << 20  # the largest value older glibc accepts (HEAP_MAX_SIZE / 2)
+FALLBACK_MMAP_THRESHOLD_BYTES = 32 << 20  # if a glibc refuses 1 GiB: the most it adapts to by itself (64-bit)
 TRIM_THRESHOLD_BYTES = (1 << 31) - 1  # keep up to 2 GiB of free heap top (the largest an int parameter holds)
 
 
 def retain_freed_memory() -> bool:
     """Raise glibc's mmap and trim thresholds (see the module docstring). True if glibc took both settings;
     False (and nothing changed) where the C library is not glibc."""
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+    if not is_glibc():
         return False
     libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
     mallopt = libc.mallopt
@@ -45,3 +45,11 @@ def retain_freed_memory() -> bool:
         mallopt(_M_MMAP_THRESHOLD, FALLBACK_MMAP_THRESHOLD_BYTES) == 1
     trim_set = mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES) == 1
     return mmap_set and trim_set
+
+
+def is_glibc() -> bool:
+    """Whether this process runs on GNU libc (whose malloc `retain_freed_memory` tunes)."""
+    try:
+        return os.confstr("CS_GNU_LIBC_VERSION").startswith("glibc")
+    except (AttributeError, ValueError, OSError):  # no confstr (Windows) or no such name (musl, macOS)
+        return False

@@ -3,13 +3,13 @@ step instead of being mapped and zero-filled anew. Counted with the kernel's min
 (the setting is process-wide)."""
 
 import json
-import platform
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
-from engine.host_memory import retain_freed_memory
+from engine.host_memory import is_glibc, retain_freed_memory
 
 STEP_MIB = (48, 40, 36)  # one "step": three temporaries, each above glibc's 32 MiB adaptive mmap ceiling
 PROBE = f"""
@@ -28,11 +28,12 @@ print(json.dumps({{"retained": retained, "faults": faults, "resident_mib": resid
 """
 STEP_PAGES = sum(STEP_MIB) * 256  # 4 KiB pages
 
-GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+GLIBC = is_glibc()
 
 
 def probe(mode: str) -> dict:
-    output = subprocess.run([sys.executable, "-c", PROBE, mode], capture_output=True, text=True, check=True)
+    output = subprocess.run([sys.executable, "-c", PROBE, mode], capture_output=True, text=True, check=True,
+                            cwd=Path(__file__).resolve().parents[1])  # the repository root: `engine` imports
     return json.loads(output.stdout.strip().splitlines()[-1])
 
 

@@ -1,13 +1,13 @@
 """The RL loop end to end: learning, exact resume, NaN rewards, dynamic sampling, CLI errors."""
 
 import json
-import platform
 
 import numpy as np
 import pytest
 import torch
 
 from algorithms.dapo import DAPO, DAPOConfig
+from engine.host_memory import is_glibc
 from engine.learner import Learner, LearnerConfig
 from engine.logging import read_metrics
 from engine.rollout import SamplingConfig
@@ -50,8 +50,7 @@ def test_grpo_sort_quick_learns(tmp_path):
     assert config["config"]["learner"]["loss_agg_mode"] == "seq_mean_token_mean"  # GRPO's paper default
     assert "torch" in config["environment"]
     # engine/host_memory.py applied (glibc) or not, and said so
-    glibc = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
-    assert config["environment"]["freed_host_memory_retained"] is glibc
+    assert config["environment"]["freed_host_memory_retained"] is is_glibc()
     checkpoint = out / "checkpoints" / "step_100"
     for name in ("model.safetensors", "config.json", "tokenizer.json", "optimizer.pt", "trainer_state.json"):
         assert (checkpoint / name).exists(), name
