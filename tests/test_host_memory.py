@@ -47,7 +47,7 @@ def test_retained_memory_is_reused_without_page_faults():
     assert retained["faults"][0] >= 0.9 * STEP_PAGES and max(retained["faults"][-4:]) < 0.01 * STEP_PAGES
     # ...and the heap kept for reuse stays bounded (a few steps' worth), it does not grow step after step
     growth = retained["resident_mib"][-1] - retained["resident_mib"][0]
-    assert growth <= 3 * sum(STEP_MIB) and retained["resident_mib"][-1] == retained["resident_mib"][-4]
+    assert growth <= 3 * sum(STEP_MIB) and abs(retained["resident_mib"][-1] - retained["resident_mib"][-4]) <= 2
 
 
 @pytest.mark.skipif(GLIBC, reason="outside glibc")
