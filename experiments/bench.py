@@ -67,9 +67,9 @@ rollout suite also times the sampler with CUDA graphs off (the eager decode step
 whose kernels are those of the captured static step less its bucket mask and
 slot-indexed K/V writes) and with the captured step's element-wise chains fused
 (`sampling.compile_decode`; its first rollout, which compiles, is timed apart), and
-counts the graphs a rollout captures and the host time they take. The step suite on CUDA keeps fp32 master weights and AdamW
-state, samples with a bf16 decoder and trains under bf16 autocast, as a trainer
-would; `--bf16` does the same on CPU.
+counts the graphs a rollout captures and the host time they take. The step suite on
+CUDA keeps fp32 master weights and AdamW state, samples with a bf16 decoder and trains
+under bf16 autocast, as a trainer would; `--bf16` does the same on CPU.
 
 Host memory. Like `experiments.run`, the bench first keeps freed host memory in the process
 (`engine/host_memory.py`: glibc's mmap and trim thresholds raised), so that a CPU step reuses
