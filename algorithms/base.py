@@ -8,9 +8,11 @@ engine/loss.py's `policy_loss`: clipped ratio, KL, aggregation, optimisation):
 * `advantages(rewards, rollout, unit_ids) -> [B, T]`: the advantage of each token,
   constant inside a unit.
 
-and declares two facts: `ratio_level` ("token": each token its own importance ratio;
-"unit": the unit's geometric-mean ratio, as GSPO and Rank-GRPO), and `defaults`, its
-paper's values of the other settings (clip range, KL coefficient and type, aggregation),
+and declares three facts: `ratio_level` ("token": each token its own importance ratio;
+"unit": the unit's geometric-mean ratio, as GSPO and Rank-GRPO), `reward_shapes`, the kinds
+of reward it learns from (keys of `REWARD_SHAPES`; a task config's `reward_shape()` says
+which kind it gives, and experiments refuse a mismatch before any work), and `defaults`,
+its paper's values of the other settings (clip range, KL coefficient and type, aggregation),
 as dotted config keys that the experiments start from. Its own options are the fields of
 its `Config` dataclass.
 
@@ -44,9 +46,18 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from engine.config import check, check_choice
+from engine.config import check, check_choice, is_finite_number
 from engine.loss import ADVANTAGE_SCALES
 from engine.rollout import Rollout
+
+
+# The kinds of reward a task can give and a strategy can learn from (`Strategy.reward_shapes`).
+REWARD_SHAPES = {
+    "sequence": "one reward per completion",
+    "ranks": "one reward per rank of the recommended list",
+    "lines": "one reward per reasoning line, with the task's per-line penalty flags",
+    "item_head": "one ranking reward per reasoning path, from a task with an item-scoring head",
+}
 
 
 @dataclass
@@ -58,7 +69,9 @@ class StrategyConfig:
 
     def __post_init__(self) -> None:
         check_choice("advantage_scale", self.advantage_scale, ADVANTAGE_SCALES)
-        check(self.advantage_eps >= 0, "advantage_eps", self.advantage_eps, "must be >= 0")
+        check(is_finite_number(self.advantage_eps) and self.advantage_eps > 0, "advantage_eps", self.advantage_eps,
+              "must be > 0: a group whose rewards are all equal has std 0, and its advantage 0 / (0 + eps) must be 0, "
+              "not 0 / 0 (for no eps in effect, use a tiny value such as 1e-8)")
 
 
 class Strategy:
@@ -68,6 +81,7 @@ class Strategy:
     Config: ClassVar[type[StrategyConfig]] = StrategyConfig
     defaults: ClassVar[dict[str, object]] = {}
     ratio_level: ClassVar[str] = "token"
+    reward_shapes: ClassVar[tuple[str, ...]] = ("sequence",)  # keys of REWARD_SHAPES
     extra_loss_name: ClassVar[str | None] = None  # metric name of `extra_loss`, when a strategy has one
 
     def __init__(self, config: StrategyConfig | None = None, tokenizer=None, task=None):

@@ -42,6 +42,7 @@ class GRPO(Strategy):
     """Token credit unit: per-token ratio, one advantage per sequence."""
 
     name = "grpo"
+    reward_shapes = ("sequence", "item_head")  # a path's ranking reward is one per completion too (extras unused)
     defaults = {"learner.clip_ratio_low": 0.2, "learner.clip_ratio_high": 0.2,
                 "learner.loss_agg_mode": "seq_mean_token_mean", "learner.kl_coef": 0.04, "learner.kl_loss_type": "k3"}
 

@@ -104,6 +104,7 @@ class RankGRPO(Strategy):
     name = "rank_grpo"
     Config = RankGRPOConfig
     ratio_level = "unit"  # overflow tokens share the bin N; -1 tokens get 0
+    reward_shapes = ("ranks",)
     defaults = {"learner.clip_ratio_low": 0.06, "learner.clip_ratio_high": 0.08, "learner.kl_coef": 1e-3,
                 "learner.kl_loss_type": "k3", "learner.loss_agg_mode": "seq_mean_unit_mean"}
 

@@ -120,6 +120,7 @@ class RecPO(Strategy):
 
     name = "recpo"
     Config = RecPOConfig
+    reward_shapes = ("item_head",)
     extra_loss_name = "item_loss"
     defaults = {"learner.clip_ratio_low": 0.2, "learner.clip_ratio_high": 0.28,
                 "learner.loss_agg_mode": "seq_mean_token_mean", "learner.kl_coef": 0.0}

@@ -130,6 +130,7 @@ class ReRec(Strategy):
     name = "rerec"
     Config = ReRecConfig
     ratio_level = "token"
+    reward_shapes = ("lines",)
     defaults = {"learner.clip_ratio_low": 0.2, "learner.clip_ratio_high": 0.2, "learner.loss_agg_mode": "token_mean",
                 "learner.kl_coef": 0.01, "learner.kl_loss_type": "k3"}
 

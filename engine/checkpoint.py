@@ -2,8 +2,8 @@
 
 `checkpoints/step_N/` holds the model (save_pretrained layout), `optimizer.pt`, `rng_state.pt` (every rank's),
 `components.pt` (strategy and task state) and `trainer_state.json` (step, trainer state, the sha256 of every
-other file). It is written to `.tmp_step_N/` and renamed when complete; one that fails its checksums is renamed
-`damaged_step_N`. Details: docs/engine.md, section engine/checkpoint.py.
+other file and of its own content). It is written to `.tmp_step_N/` and renamed when complete; one that fails
+its checksums is renamed `damaged_step_N`. Details: docs/engine.md, section engine/checkpoint.py.
 """
 
 from __future__ import annotations
@@ -80,7 +80,9 @@ def save_checkpoint(run_dir: Path, step: int, model, tokenizer, optimizer: torch
     torch.save(rng_states, temporary / "rng_state.pt")
     torch.save(components or {}, temporary / "components.pt")
     files = {path.name: _sha256(path) for path in sorted(temporary.iterdir())}
-    (temporary / "trainer_state.json").write_text(json.dumps({"step": step, **trainer_state, "files": files}, indent=2))
+    record = {"step": step, **trainer_state, "files": files}
+    record["state_sha256"] = _state_sha256(record)
+    (temporary / "trainer_state.json").write_text(json.dumps(record, indent=2))
     _fsync_directory(temporary)
     if final.exists():  # re-saving the same step (e.g. after a resume): replace it
         shutil.rmtree(final)
@@ -119,12 +121,18 @@ def latest_checkpoint(run_dir: Path, warn=print) -> Path | None:
 
 
 def damaged_file(checkpoint: Path) -> str | None:
-    """The first file of `checkpoint` missing or differing from its sha256 in trainer_state.json; None if whole."""
+    """The first file of `checkpoint` missing or differing from its sha256 in trainer_state.json (or
+    trainer_state.json itself, unreadable or differing from its own recorded sha256); None if whole."""
     try:
-        recorded = json.loads((Path(checkpoint) / "trainer_state.json").read_text()).get("files", {})
+        record = json.loads((Path(checkpoint) / "trainer_state.json").read_text())
     except (OSError, ValueError):
         return "trainer_state.json unreadable"
-    for name, digest in recorded.items():
+    if not isinstance(record, dict) or not isinstance(record.get("step"), int) or not isinstance(
+            record.get("files"), dict):
+        return "trainer_state.json is not a checkpoint's record"
+    if "state_sha256" in record and record["state_sha256"] != _state_sha256(record):  # absent before it was kept
+        return "trainer_state.json changed"
+    for name, digest in record["files"].items():
         path = Path(checkpoint) / name
         if not path.is_file() or _sha256(path) != digest:
             return f"{name} missing or changed"
@@ -168,6 +176,12 @@ def load_checkpoint(checkpoint: Path, model, optimizer: torch.optim.Optimizer | 
     components = torch.load(checkpoint / "components.pt", map_location=str(next(model.parameters()).device),
                             weights_only=False)
     return json.loads((checkpoint / "trainer_state.json").read_text()), components
+
+
+def _state_sha256(record: dict) -> str:
+    """The sha256 of a trainer_state.json record's content, its own digest left out."""
+    content = {key: value for key, value in record.items() if key != "state_sha256"}
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
 
 
 def _sha256(path: Path) -> str:

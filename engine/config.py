@@ -23,5 +23,10 @@ def check_choice(key: str, value, choices) -> None:
     check(value in choices, key, value, f"choose one of {', '.join(map(str, choices))}")
 
 
+def first_line(error: BaseException) -> str:
+    """The first line of an error's message, for reports that must fit on one line."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
 def is_finite_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

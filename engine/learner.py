@@ -28,6 +28,12 @@ from engine.loss import LossConfig, policy_loss
 from engine.rollout import Rollout
 
 LR_SCHEDULES = ("constant", "linear", "cosine")
+MAX_LR = 1.0  # AdamW moves each weight by about lr per step: above 1 any model diverges at once
+
+
+class TrainingFailed(RuntimeError):
+    """Training produced no usable model (a non-finite SFT loss, a policy whose logits are NaN, or no RL step that
+    changed the weights); the message says what happened and what to change."""
 
 
 @dataclass
@@ -50,7 +56,7 @@ class LearnerConfig(LossConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check(is_finite_number(self.lr) and self.lr > 0, "lr", self.lr, "must be a finite number > 0")
+        check(is_finite_number(self.lr) and 0 < self.lr <= MAX_LR, "lr", self.lr, f"must be in (0, {MAX_LR:g}]")
         check(is_finite_number(self.weight_decay) and self.weight_decay >= 0, "weight_decay", self.weight_decay,
               "must be >= 0")
         for name in ("adam_beta1", "adam_beta2"):
@@ -267,6 +273,7 @@ class Learner:
             "ratio_max": float(ratio_max),
             "ratio_min": float(ratio_min),
             "skipped_optimizer_steps": skipped,
+            "optimizer_steps": len(grad_norms),  # applied (not skipped)
             "lr": self.scheduler.get_last_lr()[0],
         }
         if strategy.extra_loss_name:

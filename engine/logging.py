@@ -38,9 +38,9 @@ class RunLogger:
                 self.writer.add_scalar(key, value, step)
         if not metrics.get("eval"):
             self.progress.update(1)
-            self.progress.set_postfix(reward=f"{metrics.get('reward_mean', float('nan')):.3f}",
-                                      kl=f"{metrics.get('kl', 0.0):.4f}",
-                                      tok_s=f"{metrics.get('tokens_per_s', 0.0):.0f}")
+            self.progress.set_postfix(reward=_format(metrics.get("reward_mean"), ".3f"),
+                                      kl=_format(metrics.get("kl"), ".4f"),
+                                      tok_s=_format(metrics.get("tokens_per_s"), ".0f"))
 
     def log_text(self, tag: str, text: str, step: int) -> None:
         if self.active:  # Markdown in tensorboard: keep line breaks inside a code block.
@@ -78,6 +78,11 @@ def read_metrics(path: Path) -> list[dict]:
         except ValueError:
             print(f"warning: {path} line {number} is not JSON (torn by a crash?): dropped: {line[:80]!r}")
     return rows
+
+
+def _format(value, spec: str) -> str:
+    """A number for the progress bar; "-" for a metric the step does not have (a skipped step's reward is None)."""
+    return "-" if value is None else format(value, spec)
 
 
 def _jsonable(metrics: dict) -> dict:

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from engine.config import check, is_finite_number
-from engine.learner import lr_multiplier
+from engine.learner import MAX_LR, TrainingFailed, lr_multiplier
 from engine.logprobs import completion_logprobs
 from engine.tokens import encode_completions, encode_prompts
 
@@ -29,7 +29,7 @@ class SFTConfig:
 
     def __post_init__(self) -> None:
         check(self.steps >= 0, "steps", self.steps, "must be >= 0 (0 = no SFT)")
-        check(is_finite_number(self.lr) and self.lr > 0, "lr", self.lr, "must be a finite number > 0")
+        check(is_finite_number(self.lr) and 0 < self.lr <= MAX_LR, "lr", self.lr, f"must be in (0, {MAX_LR:g}]")
         check(self.batch_size >= 1, "batch_size", self.batch_size, "must be >= 1")
         check(self.warmup_steps >= 0, "warmup_steps", self.warmup_steps, "must be >= 0")
         check(self.weight_decay >= 0, "weight_decay", self.weight_decay, "must be >= 0")
@@ -65,6 +65,10 @@ def supervised_finetune(model, tokenizer, chats: list[list[dict]], completions: 
                                                              max_completion_length, device)
         logprobs = completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask).logprobs
         loss = -(logprobs * completion_mask).sum() / completion_mask.sum()
+        if not bool(torch.isfinite(loss)):  # weights that give NaN logits never recover: stop, cache nothing
+            cause = (f"the warm start diverged; lower sft.lr (now {config.lr:g}) or sft.max_grad_norm" if step else
+                     "before any update, so the model it starts from gives NaN or inf logits (check --model)")
+            raise TrainingFailed(f"SFT step {step + 1}: the loss is {float(loss.detach())}: {cause}")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
@@ -75,5 +79,8 @@ def supervised_finetune(model, tokenizer, chats: list[list[dict]], completions: 
         history.append(metrics)
         if on_step is not None:
             on_step(metrics)
+    if not all(bool(torch.isfinite(parameter).all()) for parameter in model.parameters()):
+        raise TrainingFailed(f"SFT: the weights hold NaN or inf after {config.steps} steps: the warm start diverged; "
+                             f"lower sft.lr (now {config.lr:g})")
     model.eval()
     return history

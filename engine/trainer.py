@@ -18,10 +18,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from engine.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from engine.checkpoint import CheckpointError, damaged_file, latest_checkpoint, load_checkpoint, save_checkpoint
 from engine.config import check, check_choice
 from engine.distributed import MODES, all_reduce, broadcast, full_weights, gather, rank_and_size, shard
-from engine.learner import Learner, PolicyBatch, Rewards
+from engine.learner import Learner, PolicyBatch, Rewards, TrainingFailed
 from engine.loss import group_reward_spread
 from engine.logging import RunLogger
 from engine.rollout import DecoderFactory, Rollout, SamplingConfig, sample
@@ -46,6 +46,12 @@ class Task(Protocol):
         prompt_indices=None, logits_hook=None)` maps chats to texts. The task's `selection_metric`
         attribute names the metric (higher is better) that chooses the reported checkpoint."""
         ...
+
+
+NAN_REWARD = "non-finite reward (NaN or inf) returned by the task"
+NAN_POLICY = "non-finite sampled log-prob (NaN or inf logit)"
+# conditions whose consecutive steps are counted, and warned about past `stall_warning_steps`
+STALL_CONDITIONS = ("no reward spread in any group", "gradient norm 0", NAN_REWARD, NAN_POLICY)
 
 
 class TrainingInterrupted(Exception):
@@ -156,7 +162,8 @@ class Trainer:
         self.stop_ids = completion_stop_ids(task, tokenizer, model)
         self.logits_hook = getattr(task, "logits_hook", None)
         self.step, self.stop_requested = 0, 0  # stop_requested: a signal number, 0 = none
-        self.stalled = {"no reward spread in any group": 0, "gradient norm 0": 0}
+        self.stalled = {condition: 0 for condition in STALL_CONDITIONS}  # consecutive steps each has held
+        self.updated_steps = 0  # steps that applied at least one optimizer step (not skipped as a whole)
         self.selection = {"metric": task.selection_metric, "split": "val", "best_step": None, "best_value": None,
                           "history": []}
 
@@ -171,6 +178,7 @@ class Trainer:
         self.step = state["step"]
         self.prompts.load_state_dict(state["prompts"])
         self.stalled, self.selection = state["stalled"], state["selection"]
+        self.updated_steps = state.get("updated_steps", self.step)  # absent from checkpoints before it was kept
         self._restore_components(components)
         return self.step
 
@@ -178,6 +186,7 @@ class Trainer:
         components = {"strategy": self.strategy.state_dict(),
                       "task": self.task.state_dict() if hasattr(self.task, "state_dict") else {}}
         state = {"prompts": self.prompts.state_dict(), "stalled": self.stalled, "selection": self.selection,
+                 "updated_steps": self.updated_steps,
                  "stage": self.stage_name}
         return save_checkpoint(self.run_dir, self.step, self.model, self.tokenizer, self.learner.optimizer,
                                self.learner.scheduler, self.generator, state, components,
@@ -185,6 +194,10 @@ class Trainer:
 
     def _load_weights(self, checkpoint: Path) -> None:
         """The model, strategy and task state of a checkpoint (not the optimizer or RNG states)."""
+        damaged = broadcast(damaged_file(checkpoint) if self.rank == 0 else None)  # rank 0 decides, as on resume
+        if damaged is not None:
+            raise CheckpointError(f"checkpoint {checkpoint} is damaged ({damaged}), so the weights chosen on "
+                                  f"validation cannot be tested; rerun the experiment")
         self._restore_components(load_checkpoint(checkpoint, self.model, None, None, None)[1])
 
     def _restore_components(self, components: dict) -> None:
@@ -247,7 +260,7 @@ class Trainer:
             broken = all_reduce(torch.tensor([float(not torch.isfinite(values).all()) for values in (
                 rewards.values[rewards.mask], rollout.old_logprobs[rollout.completion_mask])]), "max")
             if bool(broken.any()):  # on any rank
-                non_finite = "reward (NaN or inf) returned by the task" if broken[0] else "sampled log-prob (NaN logit)"
+                non_finite = NAN_REWARD if broken[0] else NAN_POLICY
                 break
             raw_values.append(rewards.values.masked_fill(~rewards.mask, 0.0).sum(dim=1))
             texts_seen.extend(texts)
@@ -269,9 +282,11 @@ class Trainer:
 
         metrics: dict = {"step": self.step + 1, "epoch": self.prompts.epoch, "prompts_consumed": self.prompts.consumed}
         timings = dict(time_rollout_s=time_rollout, time_reward_s=time_reward, time_learn_s=0.0)
+        self._watch(NAN_POLICY, non_finite == NAN_POLICY, metrics)
+        self._watch(NAN_REWARD, non_finite == NAN_REWARD, metrics)
         if non_finite:
             # Never train on a broken reward or policy: the step is skipped and the weights stay untouched.
-            metrics.update(skipped=f"non-finite {non_finite}", reward_mean=None, **timings)
+            metrics.update(skipped=non_finite, reward_mean=None, **timings)
             return metrics
         raw = torch.cat(raw_values).double()  # [n] every completion sampled on this rank, kept or not
         total, squares, count = all_reduce(torch.stack([raw.sum(), (raw**2).sum(), torch.tensor(
@@ -315,15 +330,27 @@ class Trainer:
                 metrics[f"reward_unit_{unit + 1}"] = value
         self._watch("no reward spread in any group", metrics["zero_spread_frac"] == 1.0, metrics)
         self._watch("gradient norm 0", learner_metrics["grad_norm"] == 0.0, metrics)
+        self.updated_steps += int(learner_metrics.get("optimizer_steps", 1) > 0)
         if learner_metrics.get("skipped_optimizer_steps"):
             metrics["skipped"] = (f"{learner_metrics['skipped_optimizer_steps']} optimizer step(s): non-finite loss "
                                   "or gradient (NaN log-probs in the learner?)")
         metrics["_sample"] = texts_seen[0] if texts_seen else ""
         return metrics
 
+    def _stop_if_the_policy_is_broken(self) -> None:
+        """Skipped steps leave the weights as they are, so a policy whose logits stay NaN never recovers: stop."""
+        steps = self.stalled.get(NAN_POLICY, 0)
+        if steps < self.config.stall_warning_steps:
+            return
+        cause = (f"the RL updates diverged: lower learner.lr (now {self.learner.config.lr:g}) or learner.max_grad_norm"
+                 if self.updated_steps else "no RL step has updated it yet, so the model it started from is broken "
+                 "(the SFT warm start or --model) or the task's logits hook makes NaN")
+        raise TrainingFailed(f"step {self.step}: the policy has sampled NaN or inf log-probs for {steps} steps in a "
+                             f"row; {cause}")
+
     def _watch(self, condition: str, holds: bool, metrics: dict) -> None:
         """Count consecutive steps on which `condition` holds; past the limit, say so in the metrics."""
-        self.stalled[condition] = self.stalled[condition] + 1 if holds else 0
+        self.stalled[condition] = self.stalled.get(condition, 0) + 1 if holds else 0
         if self.stalled[condition] >= self.config.stall_warning_steps:
             warning = (f"{condition} for {self.stalled[condition]} steps in a row: the policy is not learning "
                        "(check the rewards and the learning rate)")
@@ -345,6 +372,7 @@ class Trainer:
                     if key in metrics:
                         logger.message(f"step {self.step}: {key}: {metrics[key]}")
                 logger.log_step(metrics)
+                self._stop_if_the_policy_is_broken()
                 if sample_text is not None and config.log_samples_every and self.step % config.log_samples_every == 0:
                     logger.log_text("samples/completion", sample_text, self.step)
                 if config.eval_every and self.step % config.eval_every == 0 and self.step < config.max_steps:
@@ -354,6 +382,11 @@ class Trainer:
                 stop = int(all_reduce(torch.tensor(self.stop_requested), "max"))  # requested on any rank
                 if stop:
                     raise TrainingInterrupted(self.save(), stop)
+            if self.updated_steps == 0:
+                raise TrainingFailed(
+                    f"none of the {self.step} RL steps updated the weights: every one was skipped (metrics.jsonl's "
+                    f"'skipped' says why, step by step): non-finite rewards or sampled log-probs, no group kept by "
+                    f"dynamic sampling, or a non-finite loss or gradient in the learner")
             if not self.selection["history"] or self.selection["history"][-1][0] != self.step:
                 self._validate(logger)
             self.save()

@@ -31,7 +31,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 
-from algorithms.base import Strategy, StrategyConfig
+from algorithms.base import REWARD_SHAPES, Strategy, StrategyConfig
 from algorithms.registry import STRATEGIES, strategy_class
 from engine.config import ConfigError, check, check_choice
 from engine.learner import LearnerConfig
@@ -231,14 +231,24 @@ def check_tree(config: ExperimentConfig) -> None:
     if config.learner.loss_agg_mode == "seq_mean_unit_mean" and strategy.num_units is Strategy.num_units:
         raise UsageError(f"learner.loss_agg_mode=seq_mean_unit_mean: {config.algorithm} has no units to average "
                          "over (use rank_grpo or gspo, or another aggregation)")
+    given = config.task.reward_shape()
+    if config.kind == "rl" and given not in strategy.reward_shapes:
+        fitting = [name for name, cls in STRATEGIES.items() if given in cls.reward_shapes]
+        setting = getattr(config.task, "reward_setting", None)
+        raise UsageError(
+            f"algorithm={config.algorithm} learns from {REWARD_SHAPES[strategy.reward_shapes[0]]}, but the "
+            f"{config.task_type} task gives {REWARD_SHAPES[given]}: use {' or '.join(fitting) or 'another task'}"
+            + (f", or change {setting}" if setting else ""))
+    rows = config.trainer.prompts_per_step * config.trainer.group_size
+    if config.kind == "rl" and config.learner.mini_batches > rows:
+        raise UsageError(f"learner.mini_batches={config.learner.mini_batches}: must be <= the rows of a step, "
+                         f"trainer.prompts_per_step x trainer.group_size = {rows}")
     if config.model.path is None:
         needed = config.trainer.max_prompt_length + config.sampling.max_new_tokens
         if config.model.tiny.max_position_embeddings < needed:
             raise UsageError(
                 f"model.tiny.max_position_embeddings={config.model.tiny.max_position_embeddings}: must be >= "
                 f"trainer.max_prompt_length + sampling.max_new_tokens = {needed}")
-    if not math.isfinite(config.learner.lr * config.sft.lr):
-        raise UsageError("learner.lr and sft.lr must be finite")
 
 
 def to_dict(config: ExperimentConfig) -> dict:

@@ -129,6 +129,10 @@ class GR2TaskConfig:
     constrained_decoding: bool = True  # False: the ranked part is free text (sampling and evaluation)
     allow_repeated_candidates: bool = False  # the constraint lets a line repeat a candidate (which breaks the format)
 
+    def reward_shape(self) -> str:
+        """The kind of reward this task gives (a key of algorithms.base.REWARD_SHAPES)."""
+        return "sequence"  # the rank gain of the held-out item (+ the format bonus)
+
     def __post_init__(self) -> None:
         check(self.num_candidates >= 2, "num_candidates", self.num_candidates, "must be >= 2")
         check(self.history_length >= 1, "history_length", self.history_length, "must be >= 1")

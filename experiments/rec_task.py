@@ -30,7 +30,7 @@ evaluation and the classical baselines remove every seen item).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, ClassVar
 
 import numpy as np
 import torch
@@ -58,6 +58,12 @@ class RecTaskConfig:
     train_cut_points: int | None = 3  # MovieLens training requests per user; None = every usable prefix
     item_tokens: bool = False  # one vocabulary token per catalog item "Title (Year)" (see add_item_tokens)
     decode_constraint: str = "none"  # none | no_repeat | unseen (ItemConstraint; needs item_tokens)
+
+    reward_setting: ClassVar[str | None] = "task.reward_kind"  # the key that changes reward_shape()
+
+    def reward_shape(self) -> str:
+        """The kind of reward this task gives (a key of algorithms.base.REWARD_SHAPES)."""
+        return "sequence" if self.reward_kind == "ndcg" else "ranks"  # NDCG@N of the list, or one per rank
 
     def __post_init__(self) -> None:
         check_choice("source", self.source, SOURCES)

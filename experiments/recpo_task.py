@@ -126,6 +126,10 @@ class RecPOTaskConfig:
     test_size: int = 0  # the first test_size test users are evaluated; 0 = all 833 (the baselines' table)
     eval_head_only: bool = True  # also report head_only/... (h_T of the prompt alone, no reasoning)
 
+    def reward_shape(self) -> str:
+        """The kind of reward this task gives (a key of algorithms.base.REWARD_SHAPES)."""
+        return "item_head"  # R_d per path, the item head's catalogue probability in the extras
+
     def __post_init__(self) -> None:
         check(self.prefixes_per_user is None or self.prefixes_per_user >= 1, "prefixes_per_user",
               self.prefixes_per_user, "must be >= 1 (or none for every usable prefix)")

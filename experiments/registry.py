@@ -21,14 +21,16 @@ from experiments.sort_task import SortTaskConfig, build_sort_task
 @dataclass(frozen=True)
 class TaskType:
     """A task's config dataclass (the `task.*` keys) and its builder:
-    build(experiment config, data dir) -> (task, tokenizer corpus, data source, data fingerprint)."""
+    build(experiment config, data dir) -> (task, tokenizer corpus, data source, data fingerprint);
+    `reads_data`: False for a task that builds its own examples (--data-dir means nothing to it)."""
 
     config: type
     build: Callable
+    reads_data: bool = True
 
 
 TASKS = {
-    "sort": TaskType(SortTaskConfig, build_sort_task),
+    "sort": TaskType(SortTaskConfig, build_sort_task, reads_data=False),
     "recommendation": TaskType(RecTaskConfig, build_recommendation_task),
     "recpo": TaskType(RecPOTaskConfig, build_recpo_task),
     "rerec": TaskType(ReRecTaskConfig, build_rerec_task),

@@ -58,7 +58,7 @@ import unicodedata
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, ClassVar
 
 import numpy as np
 import torch
@@ -108,6 +108,12 @@ class ReRecTaskConfig:
     embedding_dim: int = 64  # k of the truncated SVD behind S_PAS
     candidate_seed: int = 0
     constrained_decoding: bool = True  # line 1 starts with a candidate, the box names one (CandidateConstraint)
+
+    reward_setting: ClassVar[str | None] = "task.reward_unit"  # the key that changes reward_shape()
+
+    def reward_shape(self) -> str:
+        """The kind of reward this task gives (a key of algorithms.base.REWARD_SHAPES)."""
+        return "lines" if self.reward_unit == "line" else "sequence"
 
     def __post_init__(self) -> None:
         check_choice("reward_form", self.reward_form, REWARD_FORMS)

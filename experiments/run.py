@@ -16,10 +16,14 @@ with code 2 and one line saying what is wrong.
 Nothing is lost. The run directory is locked (an exclusive `flock` on DIR/.lock) before
 any work, and so is an SFT cache entry while it is being written: a second run that wants
 either exits 2 at once, naming the holder (pid, host, start time). Default run
-directories are unique (created atomically). A local --model folder is checked (its
+directories are unique (created atomically); a new run that fails before recording anything
+but its config.json leaves no run directory behind (or an empty one, for an --out folder that
+existed), so the same command can be run again once the cause is fixed. A local --model folder is checked (its
 tokenizer and the headers of its weights) before any work. Ctrl-C (SIGINT) or SIGTERM
 ends the RL loop after the current step with a checkpoint and exit code 130 (143); a
-second Ctrl-C exits at once. Under torchrun only rank 0 writes files and runs the SFT
+second Ctrl-C exits at once. A run that learned nothing usable (an SFT loss that turned NaN,
+a policy whose logits stay NaN, or no RL step that changed the weights) exits 1 with one
+line saying why, never 0. Under torchrun only rank 0 writes files and runs the SFT
 stage; the other ranks wait for it.
 
 The pipeline of an experiment of kind "rl": build the task (data) -> the policy (a
@@ -56,6 +60,8 @@ import numpy as np
 import torch
 
 from engine import distributed
+from engine.checkpoint import list_checkpoints
+from engine.config import first_line
 from engine.host_memory import retain_freed_memory
 from experiments.config import (
     RESUMABLE_CHANGES,
@@ -123,6 +129,9 @@ def resolve_config(args: argparse.Namespace) -> tuple[ExperimentConfig, dict]:
         assignments.append(f"device={args.device}")
     changes = {}
     if args.resume:
+        for flag in ("out", "quick"):  # the run's own directory and settings, which were set when it started
+            if getattr(args, flag):
+                raise UsageError(f"--resume continues {args.resume} in place with its own settings; drop --{flag}")
         path = Path(args.resume) / "config.json"
         if not path.exists():
             raise UsageError(f"--resume {args.resume}: no config.json there; pass the run directory of an earlier run")
@@ -131,6 +140,9 @@ def resolve_config(args: argparse.Namespace) -> tuple[ExperimentConfig, dict]:
         except (ValueError, KeyError, TypeError) as error:  # a config.json that is not one recrl wrote
             raise UsageError(f"--resume {args.resume}: config.json is damaged or not a recrl run's ({error!r}); "
                              "start a new run") from None
+        except UsageError as error:  # edited by hand, or written by a recrl whose checks were looser
+            raise UsageError(f"--resume {args.resume}: config.json holds a value this recrl refuses ({error}); "
+                             "correct it there, or start a new run") from None
         if stored.name != args.name:
             raise UsageError(f"--resume {args.resume} is a run of {stored.name!r}, not {args.name!r}")
         if any(a.partition("=")[0].strip() == "algorithm" for a in assignments):
@@ -138,6 +150,11 @@ def resolve_config(args: argparse.Namespace) -> tuple[ExperimentConfig, dict]:
         config = apply_command_line(stored, assignments)
         before, after = leaves(stored), leaves(config)
         changes = {key: [before[key][1], after[key][1]] for key in after if after[key][1] != before[key][1]}
+        newest = list_checkpoints(Path(args.resume))
+        reached = int(newest[-1].name.removeprefix("step_")) if newest else 0
+        if config.trainer.max_steps < reached:
+            raise UsageError(f"trainer.max_steps={config.trainer.max_steps}: the run's newest checkpoint is at step "
+                             f"{reached}, and a resumed run cannot go back; set max_steps >= {reached}")
         refused = sorted(set(changes) - set(RESUMABLE_CHANGES))
         if refused:
             key = refused[0]
@@ -153,9 +170,10 @@ def resolve_config(args: argparse.Namespace) -> tuple[ExperimentConfig, dict]:
 
 
 def check_model_folder(path: str | None) -> None:
-    """A local model.path (--model) must hold a tokenizer RL can use and weights files whose headers read."""
+    """A local model.path (--model) must hold a config.json transformers knows, weights files whose headers
+    read, and a tokenizer RL can use."""
     from safetensors import SafetensorError, safe_open
-    from transformers import AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
     from models.loader import ModelLoadError, check_tokenizer
 
@@ -163,6 +181,16 @@ def check_model_folder(path: str | None) -> None:
         if path is not None and (os.path.exists(path) or path.startswith((".", "/", "~")) or path.count("/") != 1):
             raise UsageError(f"model.path {path}: no such folder, and not a hub id (owner/name)")
         return  # a hub id: checked when it is loaded
+    if not (Path(path) / "config.json").is_file():
+        raise UsageError(f"model.path {path}: no config.json there; pass a folder written by "
+                         "model.save_pretrained(...)")
+    try:
+        AutoConfig.from_pretrained(path)
+    except (OSError, ValueError, KeyError) as error:  # e.g. a model_type this transformers does not know
+        raise UsageError(f"model.path {path}: its config.json does not load ({first_line(error)})") from None
+    if not any(Path(path).glob("*.safetensors")) and not any(Path(path).glob("pytorch_model*.bin")):
+        raise UsageError(f"model.path {path}: no weights there (*.safetensors or pytorch_model*.bin); save the model "
+                         "with model.save_pretrained(...)")
     tokenizer_files = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
     if not any((Path(path) / name).exists() for name in tokenizer_files):
         raise UsageError(f"model.path {path}: no tokenizer there ({', '.join(tokenizer_files)}); save the model's "
@@ -233,6 +261,7 @@ def build_task(config: ExperimentConfig, data_dir: str | None):
 def build_policy(config: ExperimentConfig, task, corpus: list[str], source: str | None = None):
     """(model, tokenizer): `source` or `model.path` when given, else a tiny model + a tokenizer trained on
     `corpus`; then the task's `prepare_policy`, if it has one."""
+    from experiments.data.common import cache_dir
     from models.loader import ModelLoadError, load_model_and_tokenizer
     from models.tiny import build_tiny_model, train_tokenizer
 
@@ -241,7 +270,9 @@ def build_policy(config: ExperimentConfig, task, corpus: list[str], source: str 
         try:
             model, tokenizer = load_model_and_tokenizer(source, device=config.device)
         except ModelLoadError as error:
-            raise ExperimentError(str(error)) from error
+            cached = Path(source).resolve().is_relative_to(cache_dir().resolve())
+            raise ExperimentError(f"{error}" + (f"; it is a cached warm start: delete {source} and run again to "
+                                                "retrain it" if cached else "")) from error
     else:
         tokenizer = train_tokenizer(corpus, vocab_size=config.model.vocab_size)
         model = build_tiny_model(config.model.tiny, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
@@ -395,8 +426,9 @@ def recorded_initial_model(run_dir: Path) -> str | None:
     recorded = json.loads((run_dir / "config.json").read_text()).get("initial_model")
     if recorded and (Path(recorded) / "config.json").is_file():
         return recorded
-    print(f"warning: the warm start this run started from ({recorded}) is gone; using the SFT cache entry of the "
-          "current settings (trained again if missing)")
+    if recorded:  # None: the run stopped before its warm start was recorded, so there is nothing to miss
+        print(f"warning: the warm start this run started from ({recorded}) is gone; using the SFT cache entry of "
+              "the current settings (trained again if missing)")
     return None
 
 
@@ -474,6 +506,7 @@ def claimed_run_directory(args: argparse.Namespace, config: ExperimentConfig):
 @contextlib.contextmanager
 def claim_run_directory(args: argparse.Namespace, config: ExperimentConfig):
     run_dir = Path(args.resume or args.out or f"runs/{config.name}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
+    created = not run_dir.exists()  # this run makes the folder (always so for a default one)
     if not (args.resume or args.out):  # unique even when runs start in the same second: mkdir is atomic
         default = run_dir
         for attempt in range(2, 1000):
@@ -493,14 +526,31 @@ def claim_run_directory(args: argparse.Namespace, config: ExperimentConfig):
         raise UsageError(f"--out {run_dir}: cannot create it ({error.strerror}); choose another directory") from None
     if not os.access(run_dir, os.W_OK):
         raise UsageError(f"--out {run_dir} is not writable; choose a writable directory")
-    refuse_unless_empty()
-    with hold_lock(run_dir / ".lock", f"the run directory {run_dir}"):
-        refuse_unless_empty()  # a run that started at the same moment may have filled it
-        yield run_dir
+    lock_existed = (run_dir / ".lock").exists()
+    with hold_lock(run_dir / ".lock", f"the run directory {run_dir}"):  # first, so that a holder is named
+        try:
+            refuse_unless_empty()
+        except UsageError:
+            if not lock_existed:  # leave a folder that is not ours as it was
+                (run_dir / ".lock").unlink(missing_ok=True)
+            raise
+        try:
+            yield run_dir
+        except Exception:  # not on Ctrl-C, whose message points at --resume
+            # A new run that failed before recording anything but its config (bad data, a model that does not
+            # load, a busy SFT cache entry) leaves nothing behind, so the same command can simply be run again.
+            if not args.resume and {path.name for path in run_dir.iterdir()} <= {"config.json", ".lock"}:
+                for name in ("config.json", ".lock"):
+                    (run_dir / name).unlink(missing_ok=True)
+                if created:
+                    with contextlib.suppress(OSError):  # another run may have claimed it meanwhile
+                        run_dir.rmdir()
+            raise
 
 
 def main(argv: list[str] | None = None) -> int:
     from engine.checkpoint import CheckpointError
+    from engine.learner import TrainingFailed
     from engine.trainer import TrainingInterrupted
 
     run_dir, finished = None, False
@@ -518,6 +568,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.resume and not Path(args.resume).is_dir():
             raise UsageError(f"--resume {args.resume}: no such run directory")
         config, changes = resolve_config(args)
+        if args.data_dir and not TASKS[config.task_type].reads_data:
+            raise UsageError(f"--data-dir: {config.name} builds its own examples and reads no data; drop --data-dir")
         if args.show_config:
             print(describe(config, default_tree(config.name, config.kind, config.task_type, config.algorithm,
                                                 TASKS[config.task_type].config)))
@@ -539,6 +591,9 @@ def main(argv: list[str] | None = None) -> int:
     except (UsageError, ExperimentError, CheckpointError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except TrainingFailed as error:  # the run learned nothing usable: never a success
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     except TrainingInterrupted as stop:
         checkpoint, number = stop.args
         print(f"stopped by {signal.Signals(number).name}: checkpoint {checkpoint} written; continue with "

@@ -33,6 +33,10 @@ class SortTaskConfig:
     min_digits: int = 3
     max_digits: int = 5
 
+    def reward_shape(self) -> str:
+        """The kind of reward this task gives (a key of algorithms.base.REWARD_SHAPES)."""
+        return "sequence"  # 1 for a correctly sorted answer, partial credit otherwise
+
     def __post_init__(self) -> None:
         check(self.train_size >= 1, "train_size", self.train_size, "must be >= 1")
         check(self.eval_size >= 1, "eval_size", self.eval_size, "must be >= 1")

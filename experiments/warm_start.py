@@ -7,7 +7,8 @@ reads), and lives in `$RECRL_CACHE_DIR/sft/<name>-<first 16 hex of sha256(identi
 (default `~/.cache/recrl`). While a run trains an entry it holds the entry's lock (a second run
 that needs the same entry exits 2 at once, naming the holder; finished entries are read without
 the lock); the entry is written to a temporary folder and renamed, so no killed run leaves half
-an entry, and a temporary folder left by one is removed. Warm starts run on rank 0 only
+an entry, and a temporary folder left by one is removed; a finished entry that no longer loads
+(damaged on disk) stops the run with one line naming the folder to delete. Warm starts run on rank 0 only
 (experiments/run.py), so the lock is never contended by the ranks of one run.
 """
 
@@ -24,6 +25,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from engine.config import first_line
 from experiments.config import UsageError
 
 
@@ -31,7 +33,12 @@ from experiments.config import UsageError
 def hold_lock(path: Path, what: str):
     """Hold an exclusive lock on the file `path` (the kernel drops it when the process ends, even on kill -9);
     when another process holds it, a UsageError naming that process (pid, host, start time)."""
-    with open(path, "a+") as handle:
+    try:
+        handle = open(path, "a+")
+    except OSError as error:  # e.g. a folder of that name
+        raise UsageError(f"cannot lock {what}: {path} cannot be opened as a lock file ({error.strerror}); it must "
+                         "be a file in a writable folder") from None
+    with handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -55,6 +62,7 @@ def stage_folder(name: str, identity: dict) -> Path:
 def cached_stage(model, name: str, identity: dict, train: Callable[[], list[dict]]) -> list[dict]:
     """Load the stage's cached weights into `model`, or run `train()` (which trains `model` in place and returns
     its history) and cache the result; returns the history either way."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_model, save_model
 
     from engine.logprobs import unwrap_model
@@ -74,8 +82,12 @@ def cached_stage(model, name: str, identity: dict, train: Callable[[], list[dict
                 temporary.rename(folder)
                 return history
     print(f"{name}: reusing the cached warm start {folder}")
-    load_model(unwrap_model(model), str(folder / "model.safetensors"))
-    return json.loads((folder / "history.json").read_text())
+    try:
+        load_model(unwrap_model(model), str(folder / "model.safetensors"))
+        return json.loads((folder / "history.json").read_text())
+    except (SafetensorError, OSError, RuntimeError, ValueError) as error:  # damaged on disk since it was written
+        raise UsageError(f"the cached warm start {folder} is damaged ({first_line(error)}); delete that "
+                         "folder and run again to retrain it") from None
 
 
 def sft_progress(steps: int, description: str) -> Callable[[dict], None]:

@@ -12,11 +12,15 @@ RL run into one clear message each:
 from __future__ import annotations
 
 import os
+import pickle
 import re
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from engine.config import first_line
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 
@@ -72,6 +76,10 @@ def load_model_and_tokenizer(
     except OSError as error:
         where = "the folder" if is_local else "the hub (is the network reachable and the id right?)"
         raise ModelLoadError(f"could not load {path_or_id!r} from {where}: {error}") from error
+    except (ValueError, RuntimeError, KeyError, pickle.UnpicklingError, SafetensorError) as error:
+        # an unknown model_type, weights that do not fit its config (vocabulary size), a damaged weights file
+        raise ModelLoadError(f"could not load {path_or_id!r}: {type(error).__name__}: {first_line(error)}; check its "
+                             "config.json and weights, or save the model again with save_pretrained(...)") from error
     check_tokenizer(tokenizer, path_or_id)
     tokenizer.padding_side = "left"
     return model.to(device), tokenizer

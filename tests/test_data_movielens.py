@@ -6,6 +6,9 @@ import hashlib
 import json
 import os
 import re
+import subprocess
+import sys
+import threading
 import urllib.error
 import zipfile
 from pathlib import Path
@@ -357,6 +360,33 @@ def test_download_announces_source_and_destination(tmp_path, monkeypatch, capsys
     destination = tmp_path / "cache" / "downloads" / "ml-100k.zip"
     assert f"downloading {download_cache.GROUPLENS_ZIP_URL} -> {destination}" in announced
     assert f"-> {target}" in announced and (target / "u.data").read_text() == "x"
+    assert not list((tmp_path / "cache").glob("ml-100k.tmp-*"))  # extracted aside, then renamed into place whole
+
+
+def test_a_second_download_waits_for_the_first_one(tmp_path):
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import pathlib, sys\nfrom experiments.data.cache import download_lock\n"
+         "with download_lock(pathlib.Path(sys.argv[1])):\n    print('held', flush=True); sys.stdin.readline()",
+         str(tmp_path)], cwd=Path(__file__).resolve().parents[1], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        acquired = threading.Event()
+
+        def take_the_lock():
+            with download_cache.download_lock(tmp_path):
+                acquired.set()
+
+        waiter = threading.Thread(target=take_the_lock)
+        waiter.start()
+        assert not acquired.wait(0.5)  # blocked while the other process downloads
+        holder.stdin.write("\n")
+        holder.stdin.flush()
+        assert acquired.wait(60)  # and through as soon as it is done
+        waiter.join()
+    finally:
+        holder.kill()
+        holder.wait()
 
 
 # ----------------------------------------------------------------------------- data-directory lookup

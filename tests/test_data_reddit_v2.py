@@ -124,3 +124,11 @@ def test_real_catalog_with_fake_conversations(tmp_path):
     splits, catalog = load_reddit_v2(root)
     assert len(catalog) > 7300
     assert Item("10 Cloverfield Lane", 2016) in catalog
+
+
+def test_an_incomplete_reddit_folder_names_the_missing_splits(tmp_path):
+    folder = reddit_v2_directory(tmp_path)
+    folder.mkdir()
+    (folder / "train.jsonl").write_text("")
+    with pytest.raises(DataError, match=r"reddit-v2 lacks validation.jsonl, test.jsonl: Reddit-v2 needs train"):
+        load_recommendation_data(str(tmp_path))

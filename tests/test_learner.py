@@ -124,7 +124,8 @@ def test_lr_schedules():
 
 
 @pytest.mark.parametrize("field, value, message", [
-    ("lr", 0.0, "finite number > 0"), ("lr", float("nan"), "finite number > 0"), ("lr", float("inf"), "finite"),
+    ("lr", 0.0, "must be in (0, 1]"), ("lr", float("nan"), "must be in (0, 1]"), ("lr", float("inf"), "(0, 1]"),
+    ("lr", 2.0, "must be in (0, 1]"),
     ("ppo_epochs", 0, ">= 1"), ("clip_ratio_low", 1.0, "[0, 1)"), ("kl_loss_type", "k4", "k1, k2, k3"),
     ("loss_agg_mode", "mean", "token_mean"), ("clip_ratio_c", 0.5, "> 1"), ("kl_coef", -1.0, ">= 0"),
 ])

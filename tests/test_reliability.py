@@ -28,13 +28,14 @@ import sys
 import time
 import types
 import typing
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 
 from engine.checkpoint import list_checkpoints
-from engine.learner import Learner, LearnerConfig
+from engine.learner import Learner, LearnerConfig, TrainingFailed
 from engine.logging import read_metrics, truncate_metrics
 from engine.rollout import SamplingConfig
 from engine.trainer import Trainer, TrainerConfig
@@ -125,6 +126,12 @@ def test_an_sft_cache_entry_in_use_makes_a_second_run_exit_2(tmp_path, capsys):
     error = capsys.readouterr().err
     assert f"the SFT cache entry {entry} is in use by pid {os.getpid()} on " in error and error.count("\n") == 1
     assert not entry.exists()
+    assert not (tmp_path / "run").exists()  # the run recorded nothing: its folder is gone, the command can be rerun
+    (tmp_path / "given").mkdir()
+    with run.hold_lock(entry.with_name(f"{entry.name}.lock"), "test"):
+        assert run.main([*arguments, "--out", str(tmp_path / "given")]) == 2
+    assert list((tmp_path / "given").iterdir()) == []  # a folder the user made is kept, emptied
+    assert run.main([*arguments, "--out", str(tmp_path / "given")]) == 0
 
 
 def test_sft_cache_entries_are_written_atomically_and_killed_writes_are_cleaned(tmp_path):
@@ -165,6 +172,109 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before(straight, dama
     assert "resuming grpo_sort from step 2" in printed
     assert (out / "checkpoints" / "damaged_step_3" / damaged).exists()  # kept aside, never resumed from again
     _same_run(out, straight)
+
+
+@pytest.mark.parametrize("edit, reason", [
+    (lambda record: {**record, "step": 2}, "trainer_state.json changed"),  # valid JSON, another content
+    (lambda record: {}, "trainer_state.json is not a checkpoint's record"),
+    (lambda record: None, "trainer_state.json is not a checkpoint's record"),
+])
+def test_an_edited_or_malformed_trainer_state_counts_as_damage(straight, edit, reason, tmp_path, capsys):
+    out = shutil.copytree(straight, tmp_path / "run")
+    path = out / "checkpoints" / "step_3" / "trainer_state.json"
+    path.write_text(json.dumps(edit(json.loads(path.read_text()))))
+    assert run.main(["grpo_sort", "--resume", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert f"is damaged ({reason}); moved to damaged_step_3" in printed and "resuming grpo_sort from step 2" in printed
+    _same_run(out, straight)
+
+
+def test_a_damaged_best_checkpoint_is_refused_in_one_line(tmp_path):
+    from engine.checkpoint import CheckpointError
+
+    trainer, model = _nan_trainer(tmp_path, None)
+    best = trainer.save(name="best")
+    trainer._load_weights(best)  # whole: loads
+    weights = best / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match=r"best is damaged \(model.safetensors missing or changed\), so the "
+                                              "weights chosen on validation cannot be tested"):
+        trainer._load_weights(best)
+
+
+def test_resume_refuses_a_max_steps_below_the_checkpoint(straight, tmp_path, capsys):
+    out = shutil.copytree(straight, tmp_path / "run")
+    before = (out / "config.json").read_text()
+    assert run.main(["grpo_sort", "--resume", str(out), "--set", "max_steps=2"]) == 2
+    error = capsys.readouterr().err
+    assert "trainer.max_steps=2: the run's newest checkpoint is at step 3" in error and error.count("\n") == 1
+    assert (out / "config.json").read_text() == before  # refused before anything was written
+
+
+def test_a_damaged_sft_cache_entry_is_named_in_one_line(tmp_path, capsys):
+    arguments = ["grpo_sort", *TINY, "--set", "sft.steps=2", "--set", "max_steps=1"]
+    assert run.main([*arguments, "--out", str(tmp_path / "first")]) == 0
+    (entry,) = [path for path in (tmp_path / "cache" / "sft").iterdir() if path.is_dir()]
+    weights = entry / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    capsys.readouterr()
+    assert run.main([*arguments, "--out", str(tmp_path / "second")]) == 2
+    error = capsys.readouterr().err
+    assert f"could not load {str(entry)!r}: SafetensorError" in error and f"delete {entry} and run again" in error
+    assert error.count("\n") == 1
+
+
+def test_a_lock_path_that_is_a_folder_is_refused_in_one_line(tmp_path, capsys):
+    (tmp_path / "run" / ".lock").mkdir(parents=True)
+    assert run.main([*STRAIGHT, "--out", str(tmp_path / "run")]) == 2
+    error = capsys.readouterr().err
+    assert "cannot be opened as a lock file" in error and error.count("\n") == 1
+
+
+def test_a_non_empty_out_folder_is_refused_and_left_as_it_was(tmp_path, capsys):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("x")
+    _exits_2_with_one_line([*STRAIGHT, "--out", str(tmp_path / "mine")], "is not empty", capsys)
+    assert [path.name for path in (tmp_path / "mine").iterdir()] == ["notes.txt"]
+
+
+def test_a_busy_run_directory_names_its_holder_even_when_it_holds_files(tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.json").write_text("{}")  # the holder has started writing
+    with run.hold_lock(out / ".lock", "test"):
+        assert run.main([*STRAIGHT, "--out", str(out)]) == 2
+    error = capsys.readouterr().err
+    assert f"the run directory {out} is in use by pid {os.getpid()}" in error and error.count("\n") == 1
+
+
+def test_a_run_that_learned_nothing_exits_1_in_one_line(tmp_path, capsys, monkeypatch):
+    def fail(*arguments, **options):
+        raise TrainingFailed("none of the 3 RL steps updated the weights")
+
+    monkeypatch.setattr(run, "run_experiment", fail)
+    assert run.main([*STRAIGHT, "--out", str(tmp_path / "run")]) == 1
+    assert capsys.readouterr().err == "error: none of the 3 RL steps updated the weights\n"
+
+
+def test_a_diverged_sft_stops_at_the_first_non_finite_loss(tmp_path):
+    from engine.sft import SFTConfig, supervised_finetune
+    from models.tiny import train_tokenizer
+
+    tokenizer = train_tokenizer(CORPUS, vocab_size=300)
+    model = make_model(tokenizer)
+    with torch.no_grad():
+        next(model.parameters()).fill_(float("nan"))  # as after a step with a far too large learning rate
+    chats = [[{"role": "user", "content": "Sort these digits: 3 1 2"}]] * 4
+    with pytest.raises(TrainingFailed, match="SFT step 1: the loss is nan: before any update, so the model it "
+                                             "starts from gives NaN"):
+        supervised_finetune(model, tokenizer, chats, ["1 2 3"] * 4, SFTConfig(steps=3, batch_size=2))
+
+
+def test_a_run_without_a_recorded_warm_start_resumes_without_a_warning(tmp_path, capsys):
+    (tmp_path / "config.json").write_text(json.dumps({"config": {}}))  # stopped before its warm start was recorded
+    assert run.recorded_initial_model(tmp_path) is None
+    assert capsys.readouterr().out == ""
 
 
 def test_a_torn_metrics_line_is_dropped_with_a_warning(tmp_path, capsys):
@@ -302,8 +412,20 @@ def test_nan_logits_in_the_sampler_skip_the_step_without_touching_weights(tmp_pa
     trainer.learner.update = lambda batch: pytest.fail("the learner must not see a NaN rollout")
     before = [parameter.detach().clone() for parameter in model.parameters()]
     metrics = trainer.train_step()
-    assert metrics["skipped"] == "non-finite sampled log-prob (NaN logit)" and metrics["reward_mean"] is None
+    assert metrics["skipped"] == "non-finite sampled log-prob (NaN or inf logit)" and metrics["reward_mean"] is None
     assert all(torch.equal(b, p) for b, p in zip(before, model.parameters()))
+
+
+def test_a_policy_whose_logits_stay_nan_stops_the_run_after_the_stall_limit(tmp_path, capsys):
+    trainer, model = _nan_trainer(tmp_path, lambda logits, prompts, completion_ids, start: logits * float("nan"))
+    trainer.config = replace(trainer.config, max_steps=10, stall_warning_steps=3)
+    with pytest.raises(TrainingFailed, match="step 3: the policy has sampled NaN or inf log-probs for 3 steps in a "
+                                             "row; no RL step has updated it yet, so the model it started from"):
+        trainer.train()
+    rows = [row for row in read_metrics(tmp_path / "metrics.jsonl") if not row.get("eval")]
+    assert [row["step"] for row in rows] == [1, 2, 3]  # logged (reward null: no crash in the progress bar), then stop
+    assert all(row["reward_mean"] is None and row["skipped"].startswith("non-finite sampled") for row in rows)
+    assert "step 2: skipped: non-finite sampled log-prob" in capsys.readouterr().out
 
 
 def test_nan_logits_in_the_learner_skip_the_update_and_say_so_once(tmp_path, capsys):
@@ -316,7 +438,8 @@ def test_nan_logits_in_the_learner_skip_the_update_and_say_so_once(tmp_path, cap
     update = trainer.learner.update
     trainer.learner.update = lambda batch: learning.append(True) or update(batch)
     before = [parameter.detach().clone() for parameter in model.parameters()]
-    trainer.train()
+    with pytest.raises(TrainingFailed, match="none of the 1 RL steps updated the weights"):
+        trainer.train()  # the one step was skipped: the run learned nothing and must not end as a success
     (row,) = [row for row in read_metrics(tmp_path / "metrics.jsonl") if not row.get("eval")]
     assert row["skipped_optimizer_steps"] == 1 and "non-finite loss or gradient" in row["skipped"]
     assert row["loss"] is None  # NaN is written as null
@@ -372,12 +495,52 @@ def test_a_model_folder_without_a_tokenizer_exits_2_before_any_work(tmp_path, ca
     assert not (tmp_path / "run").exists()
 
 
+def _unknown_model_type(folder: Path) -> None:
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "model_type": "no_such_model"}))
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda folder: (folder / "config.json").unlink(), "no config.json there"),
+    (_unknown_model_type, "its config.json does not load"),
+    (lambda folder: (folder / "model.safetensors").unlink(), "no weights there (*.safetensors or pytorch_model*.bin)"),
+])
+def test_a_model_folder_without_a_usable_config_or_weights_exits_2_before_any_work(damage, message, tmp_path, capsys):
+    folder = _model_folder(tmp_path)
+    damage(folder)
+    _exits_2_with_one_line(["grpo_sort", "--model", str(folder), "--out", str(tmp_path / "run")], message, capsys)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_damaged_cached_stage_is_named_in_one_line(tmp_path):
+    from experiments.config import UsageError
+    from experiments.warm_start import cached_stage
+
+    model = torch.nn.Linear(3, 2)
+    assert cached_stage(model, "stage", {"a": 1}, lambda: [{"step": 1}]) == [{"step": 1}]  # trained and cached
+    assert cached_stage(model, "stage", {"a": 1}, lambda: pytest.fail("must reuse")) == [{"step": 1}]
+    (entry,) = [path for path in (tmp_path / "cache" / "sft").iterdir() if path.is_dir()]
+    (entry / "model.safetensors").write_bytes(b"half")
+    with pytest.raises(UsageError, match=f"the cached warm start {entry} is damaged .*; delete that folder"):
+        cached_stage(model, "stage", {"a": 1}, lambda: pytest.fail("must not retrain over a damaged entry"))
+
+
 def test_a_corrupt_config_json_exits_2_on_resume(tmp_path, capsys):
     out = tmp_path / "run"
     out.mkdir()
     (out / "config.json").write_bytes(b'{"config": {"name": "grpo_sort", "ki')
     _exits_2_with_one_line(["grpo_sort", "--resume", str(out)], "config.json is damaged or not a recrl run's", capsys)
     assert [path.name for path in out.iterdir()] == ["config.json"]
+
+
+def test_a_hand_edited_value_in_config_json_is_named_on_resume(straight, tmp_path, capsys):
+    out = shutil.copytree(straight, tmp_path / "run")
+    record = json.loads((out / "config.json").read_text())
+    record["config"]["trainer"]["group_size"] = "eight"
+    (out / "config.json").write_text(json.dumps(record))
+    _exits_2_with_one_line(["grpo_sort", "--resume", str(out)],
+                           f"--resume {out}: config.json holds a value this recrl refuses (trainer.group_size='eight'",
+                           capsys)
 
 
 def _invalid_text(annotation, rng: random.Random) -> str:

@@ -215,7 +215,7 @@ def _reference_advantages(tokenizer, rows, group_ids, rewards, penalised, statis
 
 def test_worked_advantage_example(tokenizer):
     """docs/rerec.md: G = 5, rewards [1.05, 0.05, 0.05, 1.05, 0.05]; a penalised line (0.035) gets -0.7577."""
-    strategy = ReRec(ReRecConfig(advantage_eps=0.0), tokenizer=tokenizer)
+    strategy = ReRec(ReRecConfig(advantage_eps=1e-12), tokenizer=tokenizer)
     rewards = Rewards(torch.tensor([1.05, 0.05, 0.05, 1.05, 0.05])[:, None].expand(5, 2).contiguous(),
                       torch.ones(5, 2, dtype=torch.bool),
                       {"penalised": torch.tensor([[0.0, 0], [0, 1], [0, 0], [0, 0], [0, 0]]), "ndcg_at_1": torch.zeros(5)})

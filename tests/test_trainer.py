@@ -103,7 +103,7 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, monkeypatch):
         (["grpo_sort", "--set", "group_size=1"], "trainer.group_size=1: must be >= 2"),
         (["grpo_sort", "--set", "max_steps=0"], "trainer.max_steps=0: must be >= 1"),
         (["grpo_sort", "--set", "prompts_per_step=0"], "trainer.prompts_per_step=0: must be >= 1"),
-        (["grpo_sort", "--set", "learner.lr=0"], "learner.lr=0: must be a finite number > 0"),
+        (["grpo_sort", "--set", "learner.lr=0"], "learner.lr=0: must be in (0, 1]"),
         (["grpo_sort", "--set", "learner.lr=nan"], "learner.lr=nan: expected a finite number"),
         (["grpo_sort", "--set", "learner.lr=inf"], "learner.lr=inf: expected a finite number"),
         (["grpo_sort", "--set", "temperature=inf"], "sampling.temperature=inf: expected a finite number"),
@@ -122,6 +122,22 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, monkeypatch):
         (["dapo_sort", "--set", "overlong_cache_length=40"], "strategy.overlong_cache_length=40: must be in"),
         (["rank_grpo_reddit", "--set", "reward_kind=dcg"], "task.reward_kind=dcg: choose one of exp_inf"),
         (["rank_grpo_reddit", "--set", "task.source=imdb"], "task.source=imdb: choose one of auto"),
+        (["grpo_sort", "--set", "learner.lr=2"], "learner.lr=2: must be in (0, 1]"),
+        (["grpo_sort", "--set", "sft.lr=1e10"], "sft.lr=1e10: must be in (0, 1]"),
+        (["grpo_sort", "--set", "advantage_eps=0"], "strategy.advantage_eps=0: must be > 0"),
+        (["grpo_sort", "--set", "mini_batches=65"], "learner.mini_batches=65: must be <= the rows of a step"),
+        (["grpo_sort", "--set", "algorithm=rank_grpo"],
+         "algorithm=rank_grpo learns from one reward per rank of the recommended list, but the sort task gives one "
+         "reward per completion: use grpo or gspo or dapo"),
+        (["grpo_sort", "--set", "algorithm=rerec"], "algorithm=rerec learns from one reward per reasoning line"),
+        (["grpo_sort", "--set", "algorithm=recpo"],
+         "algorithm=recpo learns from one ranking reward per reasoning path"),
+        (["rank_grpo_reddit", "--set", "reward_kind=ndcg"],
+         "the recommendation task gives one reward per completion: use grpo or gspo or dapo, or change "
+         "task.reward_kind"),
+        (["grpo_rerec_ml100k", "--set", "reward_unit=line"], "use rerec, or change task.reward_unit"),
+        (["grpo_sort", "--data-dir", "/tmp"], "--data-dir: grpo_sort builds its own examples and reads no data"),
+        (["grpo_sort", "--resume", ".", "--quick"], "with its own settings; drop --quick"),
     ],
 )
 def test_cli_errors_exit_2_with_one_line(argv, message, capsys, tmp_path, monkeypatch):

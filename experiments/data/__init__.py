@@ -31,6 +31,7 @@ from experiments.data.reddit_v2 import (
     SPLIT_FILES,
     _split_source,
     load_reddit_v2,
+    missing_reddit_v2_splits,
     reddit_v2_available,
     reddit_v2_directory,
     reddit_v2_statistics,
@@ -110,6 +111,10 @@ def load_recommendation_data(
 
     explicit = explicit_data_dir(data_dir)
     if explicit is not None and source == "auto" and find_movielens_directory(explicit) is None:
+        if reddit_v2_directory(explicit).is_dir():  # started, but not all three splits are there
+            missing = ", ".join(f"{stem}.jsonl" for stem in missing_reddit_v2_splits(explicit))
+            raise DataError(f"{reddit_v2_directory(explicit)} lacks {missing}: Reddit-v2 needs train, validation "
+                            "and test conversations (.jsonl) with catalog.tsv; add the missing files")
         movielens_layout = EXPECTED_LAYOUT.replace("<DATA_DIR>", str(explicit))
         raise DataError(
             f"data directory {explicit} holds no data set; expected {explicit}/reddit-v2/"

@@ -15,8 +15,11 @@ Two sources are tried in order:
    atomic files are read out of the wheel with ``zipfile`` and each verified by
    its own SHA-256.
 
-Every download says where it fetches from and where it writes (on stderr, always)
-and shows a tqdm bar (when ``progress``).  When both sources fail (offline),
+Downloads hold a lock on ``<cache>/ml-100k.lock`` (``download_lock``), and the files are
+extracted into a staging folder that is renamed to ``<cache>/ml-100k`` when complete, so two
+runs never write the same files and no run ever reads half a data set. Every download says
+where it fetches from and where it writes (on stderr, always) and shows a tqdm bar (when
+``progress``).  When both sources fail (offline),
 ``MovieLensDownloadError``, a ``DataError``, says in one line where to put the files.
 
 The file fingerprint (``fingerprint_digests``) is the SHA-256 of the lines
@@ -26,7 +29,10 @@ when a file that was read changes, and not when the data folder moves.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
+import os
 import shutil
 import subprocess
 import sys
@@ -123,24 +129,38 @@ def fetch_from_grouplens(cache: Path, progress: bool = True) -> Path:
     except ChecksumError:
         archive.unlink(missing_ok=True)
         raise
-    target = cache / "ml-100k"
-    target.mkdir(parents=True, exist_ok=True)
+    target, staging = cache / "ml-100k", staging_folder(cache)
     announce(f"extracting {', '.join(Path(member).name for member in GROUPLENS_MEMBERS)} -> {target}")
     with zipfile.ZipFile(archive) as bundle:
         names = set(bundle.namelist())
         for member in tqdm(GROUPLENS_MEMBERS, desc="extract ml-100k", disable=not progress):
             if member not in names:
                 raise ChecksumError(f"{archive}: member {member} is missing from the archive")
-            with bundle.open(member) as source, (target / Path(member).name).open("wb") as sink:
+            with bundle.open(member) as source, (staging / Path(member).name).open("wb") as sink:
                 shutil.copyfileobj(source, sink)
+    return install_folder(staging, target)
+
+
+def staging_folder(cache: Path) -> Path:
+    """An empty `<cache>/ml-100k.tmp-<pid>` to extract into; `install_folder` renames it into place when whole."""
+    staging = cache / f"ml-100k.tmp-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    return staging
+
+
+def install_folder(staging: Path, target: Path) -> Path:
+    """Replace `target` (absent, or an incomplete data set) by the complete `staging` folder in one rename, so no
+    run ever reads half a data set. Called under `download_lock`."""
+    shutil.rmtree(target, ignore_errors=True)
+    staging.rename(target)
     return target
 
 
 def extract_recbole_wheel(wheel: Path, cache: Path, progress: bool = True) -> Path:
     """Verify a RecBole 1.2.1 wheel and copy its ML-100K atomic files (each verified) to ``<cache>/ml-100k``."""
     verify_checksum(wheel, RECBOLE_WHEEL_SHA256, "sha256")
-    target = cache / "ml-100k"
-    target.mkdir(parents=True, exist_ok=True)
+    target, staging = cache / "ml-100k", staging_folder(cache)
     announce(f"extracting {', '.join(sorted(RECBOLE_FILE_SHA256))} from {wheel.name} -> {target}")
     with zipfile.ZipFile(wheel) as bundle:
         for file_name, expected in tqdm(
@@ -154,10 +174,8 @@ def extract_recbole_wheel(wheel: Path, cache: Path, progress: bool = True) -> Pa
             actual = hashlib.sha256(data).hexdigest()
             if actual != expected:
                 raise ChecksumError(f"{wheel}!{member}: sha256 is {actual}, expected {expected}")
-            partial = target / (file_name + ".part")
-            partial.write_bytes(data)
-            partial.replace(target / file_name)
-    return target
+            (staging / file_name).write_bytes(data)
+    return install_folder(staging, target)
 
 
 def fetch_from_recbole_wheel(cache: Path, progress: bool = True) -> Path:
@@ -202,6 +220,16 @@ def where_to_put_files_message(searched: list[Path], cache: Path) -> str:
     )
 
 
+@contextlib.contextmanager
+def download_lock(cache: Path):
+    """Hold `<cache>/ml-100k.lock` (blocking): a second run that also finds the data missing waits for the first
+    one's download instead of writing the same files at the same time, then finds them in place."""
+    cache.mkdir(parents=True, exist_ok=True)
+    with (cache / "ml-100k.lock").open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)  # released when the file is closed, or by the kernel if the run dies
+        yield
+
+
 def download_movielens_100k(cache: Path, searched: list[Path] | None = None, progress: bool = True) -> Path:
     """Obtain MovieLens-100K in ``<cache>/ml-100k``: GroupLens first, the RecBole wheel second.
 
@@ -209,6 +237,8 @@ def download_movielens_100k(cache: Path, searched: list[Path] | None = None, pro
         MovieLensDownloadError: both sources failed (the message says where to put the files).
     """
     announce(f"MovieLens-100K not found; downloading it into {cache / 'ml-100k'}")
+    for stale in cache.glob("ml-100k.tmp-*"):  # left by a run killed while extracting
+        shutil.rmtree(stale, ignore_errors=True)
     failures: list[str] = []
     for name, fetch in (("GroupLens archive", fetch_from_grouplens), ("recbole 1.2.1 wheel", fetch_from_recbole_wheel)):
         try:

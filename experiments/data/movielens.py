@@ -82,6 +82,7 @@ import numpy as np
 
 from experiments.data.cache import (
     RECBOLE_FILE_SHA256,
+    download_lock,
     download_movielens_100k,
     file_digest,
     fingerprint_digests,
@@ -492,7 +493,9 @@ def load_movielens_ratings(
         searched = candidate_data_dirs(data_dir)
         if not download:
             raise DataError(where_to_put_files_message(searched, cache_dir()))
-        folder = download_movielens_100k(cache_dir(), searched=searched, progress=progress)
+        with download_lock(cache_dir()):  # another run may have downloaded it while this one waited
+            folder = find_movielens_directory(data_dir) or download_movielens_100k(
+                cache_dir(), searched=searched, progress=progress)
     return read_movielens_directory(folder, verify=verify)
 
 

@@ -47,10 +47,13 @@ def _split_source(directory: Path, file_stem: str) -> Path | None:
 
 def reddit_v2_available(data_dir: str | Path | None) -> bool:
     """True only when all three conversation splits exist (a catalog alone is not enough)."""
-    if data_dir is None:
-        return False
+    return data_dir is not None and not missing_reddit_v2_splits(data_dir)
+
+
+def missing_reddit_v2_splits(data_dir: str | Path) -> list[str]:
+    """The conversation splits (file stems) that `data_dir`/reddit-v2 lacks."""
     directory = reddit_v2_directory(data_dir)
-    return all(_split_source(directory, stem) is not None for stem in SPLIT_FILES.values())
+    return [stem for stem in SPLIT_FILES.values() if _split_source(directory, stem) is None]
 
 
 def record_to_example(record: dict[str, Any], identifier: str, split: str, where: str) -> RecExample:
