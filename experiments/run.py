@@ -18,8 +18,9 @@ any work, and so is an SFT cache entry while it is being written: a second run t
 either exits 2 at once, naming the holder (pid, host, start time). Default run
 directories are unique (created atomically); a new run that fails before recording anything
 but its config.json leaves no run directory behind (or an empty one, for an --out folder that
-existed), so the same command can be run again once the cause is fixed. A local --model folder is checked (its
-tokenizer and the headers of its weights) before any work. Ctrl-C (SIGINT) or SIGTERM
+existed), so the same command can be run again once the cause is fixed. A local --model
+folder is checked (its config.json, that it has weights and that their headers read, its
+tokenizer) before any work. Ctrl-C (SIGINT) or SIGTERM
 ends the RL loop after the current step with a checkpoint and exit code 130 (143); a
 second Ctrl-C exits at once. A run that learned nothing usable (an SFT loss that turned NaN,
 a policy whose logits stay NaN, or no RL step that changed the weights) exits 1 with one

@@ -8,8 +8,8 @@ reads), and lives in `$RECRL_CACHE_DIR/sft/<name>-<first 16 hex of sha256(identi
 that needs the same entry exits 2 at once, naming the holder; finished entries are read without
 the lock); the entry is written to a temporary folder and renamed, so no killed run leaves half
 an entry, and a temporary folder left by one is removed; a finished entry that no longer loads
-(damaged on disk) stops the run with one line naming the folder to delete. Warm starts run on rank 0 only
-(experiments/run.py), so the lock is never contended by the ranks of one run.
+(damaged on disk) stops the run with one line naming the folder to delete. Warm starts run on
+rank 0 only (experiments/run.py), so the lock is never contended by the ranks of one run.
 """
 
 from __future__ import annotations
