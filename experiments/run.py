@@ -583,6 +583,10 @@ def main(argv: list[str] | None = None) -> int:
             raise UsageError(f"{processes} processes: only RL experiments run under torchrun, and "
                              f"trainer.prompts_per_step ({config.trainer.prompts_per_step}) must be a multiple of "
                              "the number of processes")
+        rows_per_process = config.trainer.prompts_per_step * config.trainer.group_size // processes
+        if processes > 1 and config.learner.mini_batches > rows_per_process:  # each rank splits its own rows
+            raise UsageError(f"learner.mini_batches={config.learner.mini_batches}: must be <= the rows of a step on "
+                             f"each of the {processes} processes ({rows_per_process})")
         retained = retain_freed_memory()  # CPU steps reuse freed memory instead of faulting it in anew
         with claimed_run_directory(args, config) as run_dir:
             write_config(run_dir, config, {}, changes if args.resume else None,

@@ -148,6 +148,17 @@ def test_cli_errors_exit_2_with_one_line(argv, message, capsys, tmp_path, monkey
     assert message in error and error.count("\n") == 1
 
 
+def test_mini_batches_are_checked_against_each_process_rows(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(run.distributed, "start", lambda device: None)
+    monkeypatch.setattr(run.distributed, "rank_and_size", lambda: (0, 2))  # as under torchrun --nproc_per_node 2
+    argv = ["grpo_sort", "--set", "prompts_per_step=2", "--set", "group_size=4", "--set", "mini_batches=5"]
+    assert run.main(argv) == 2  # 8 rows in all, 4 on each process
+    error = capsys.readouterr().err
+    assert "learner.mini_batches=5: must be <= the rows of a step on each of the 2 processes (4)" in error
+    assert error.count("\n") == 1 and not (tmp_path / "runs").exists()
+
+
 def test_resume_refuses_changed_settings_except_the_run_length(tmp_path, capsys):
     out = tmp_path / "run"
     arguments = ["grpo_sort", *TINY, "--set", "max_steps=2", "--set", "save_every=1", "--set", "eval_every=0"]
