@@ -404,10 +404,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="small hyper-parameter grids")
     parser.add_argument("--list-length", type=int, default=20, help="recommendations per list (N)")
     arguments = parser.parse_args(argv)
+    if arguments.list_length < 1:
+        parser.error(f"--list-length {arguments.list_length}: must be >= 1")
     try:
         run_baselines(Path(arguments.out), arguments.data_dir, arguments.quick, arguments.list_length)
     except DataError as error:  # missing, incomplete or malformed data, offline download: one line, exit code 2
         print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except OSError as error:  # an --out that cannot be created or written
+        print(f"error: --out {arguments.out}: {error.strerror or error} ({error.filename})", file=sys.stderr)
         raise SystemExit(2) from None
 
 

@@ -844,6 +844,26 @@ def print_table(result: dict) -> None:
 SUITES = {"rollout": bench_rollout, "logprobs": bench_logprobs, "step": bench_step}
 
 
+def json_path_problem(path: str) -> str | None:
+    """Why the result could not be written to `path` (None: it can); its folder is created if missing."""
+    target = Path(path)
+    if target.is_dir():
+        return "is a folder; name a file"
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        return f"its folder cannot be created ({error.strerror})"
+    existed = target.exists()
+    try:  # the only sure test (permissions alone do not tell, e.g. for root or under /proc)
+        with open(target, "a"):
+            pass
+    except OSError as error:
+        return f"cannot be written ({error.strerror})"
+    if not existed:
+        target.unlink()
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["breakdown"]:
@@ -852,6 +872,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.add_argument("run_dir")
         parser.add_argument("--json", help="also write the JSON object to this file")
         args = parser.parse_args(argv[1:])
+        if args.json and json_path_problem(args.json):
+            print(f"error: --json {args.json}: {json_path_problem(args.json)}", file=sys.stderr)
+            return 2
         try:
             result = run_breakdown(args.run_dir)
         except FileNotFoundError as error:
@@ -887,6 +910,9 @@ def main(argv: list[str] | None = None) -> int:
             parser.error("--clock cpu measures one CPU thread's work: run on the CPU with OMP_NUM_THREADS=1")
         if args.device == "cuda" and not torch.cuda.is_available():
             print("error: --device cuda: no CUDA device is available here", file=sys.stderr)
+            return 2
+        if args.json and json_path_problem(args.json):  # before the minutes of measuring, not after
+            print(f"error: --json {args.json}: {json_path_problem(args.json)}", file=sys.stderr)
             return 2
         config = CONFIGS[args.config]
         retained = False if args.default_allocator else retain_freed_memory()

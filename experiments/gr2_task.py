@@ -105,6 +105,7 @@ from rewards.lists import format_item
 TRACE_VARIANTS = ("rejection", "targeted")
 _SID_TOKEN = re.compile(r"<[a-z]_\d+>")
 _CACHE_VERSION = 1
+MAX_CANDIDATES = 100  # the paper reranks 10; each candidate costs a prompt line and an answer line
 
 
 @dataclass
@@ -134,7 +135,8 @@ class GR2TaskConfig:
         return "sequence"  # the rank gain of the held-out item (+ the format bonus)
 
     def __post_init__(self) -> None:
-        check(self.num_candidates >= 2, "num_candidates", self.num_candidates, "must be >= 2")
+        check(2 <= self.num_candidates <= MAX_CANDIDATES, "num_candidates", self.num_candidates,
+              f"must be in [2, {MAX_CANDIDATES}]: every candidate is written into the prompt and the ranked answer")
         check(self.history_length >= 1, "history_length", self.history_length, "must be >= 1")
         check(self.train_prefixes_per_user is None or self.train_prefixes_per_user >= 1, "train_prefixes_per_user",
               self.train_prefixes_per_user, "must be >= 1 (or none for every usable prefix)")
@@ -349,7 +351,7 @@ class GR2Task:
         for split in ("train", "val", "test"):
             if not splits.get(split):
                 raise ValueError(f"no qualifying {split} request: the pre-ranker's top {config.num_candidates} never "
-                                 f"holds the target (check the data, or raise task.num_candidates)")
+                                 f"holds the target (check the data, or change task.num_candidates)")
             for index, request in enumerate(splits[split]):
                 check_candidate_list(list(request.candidate_item_ids), config.num_candidates,
                                      f"{split} request {index}")

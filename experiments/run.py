@@ -322,7 +322,10 @@ def write_sft_checkpoint(config: ExperimentConfig, task, corpus: list[str], fold
     seed_everything(config.seed)
     model, tokenizer = build_policy(config, task, corpus)
     if hasattr(task, "warm_start"):
-        history = task.warm_start(model, tokenizer, config)
+        try:
+            history = task.warm_start(model, tokenizer, config)
+        except ValueError as error:  # the task's own check of its data against the settings, with its fix
+            raise ExperimentError(str(error)) from error
     else:
         chats, completions = task.demonstrations()
         print(f"SFT: {config.sft.steps} steps on {len(chats)} demonstrations")

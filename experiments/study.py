@@ -499,7 +499,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         seeds = [int(seed) for seed in args.seeds.split(",")]
     except ValueError:
-        print(f"error: --seeds {args.seeds!r}: write integers separated by commas, e.g. 0,1,2", file=sys.stderr)
+        seeds = []
+    if not seeds or any(seed < 0 for seed in seeds):
+        print(f"error: --seeds {args.seeds!r}: write integers >= 0 separated by commas, e.g. 0,1,2", file=sys.stderr)
+        return 2
+    if args.resamples < 1:
+        print(f"error: --resamples {args.resamples}: must be >= 1 (the paired bootstrap draws that many)",
+              file=sys.stderr)
         return 2
     args.results.mkdir(parents=True, exist_ok=True)
     if args.from_run is not None:

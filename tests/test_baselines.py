@@ -192,3 +192,15 @@ def test_cli_offline_exits_2_with_one_line(tmp_path, monkeypatch, capsys):
     errors = [line for line in lines if line.startswith("error: ")]
     assert len(errors) == 1 and "could not be downloaded" in errors[0] and "Fix: put" in errors[0]
     assert all(line.startswith(("[recrl] ", "error: ")) for line in lines)  # announcements, then the one error line
+
+
+def test_cli_bad_list_length_and_out_exit_2(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        baselines.main(["--list-length", "0", "--out", str(tmp_path / "out")])
+    assert exit_info.value.code == 2 and "--list-length 0: must be >= 1" in capsys.readouterr().err
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(SystemExit) as exit_info:
+        baselines.main(["--out", str(tmp_path / "file" / "out")])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert error.startswith(f"error: --out {tmp_path / 'file' / 'out'}: ") and error.count("\n") == 1

@@ -3,6 +3,7 @@ and the suites run on CPU reporting the keys the README and the issue name (no t
 and the update's lean LM-head path (engine/logprobs.py) against plain autograd."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -181,3 +182,17 @@ def test_lean_lm_head_backward_matches_autograd_through_a_full_log_softmax(token
     for lean_grad, grad in zip(lean_grads, grads):
         torch.testing.assert_close(lean_grad, grad, atol=1e-5, rtol=1e-4)
     assert float(lean_entropy[1, 4:].abs().sum()) == 0.0 and float(lean_entropy[0].min()) > 0
+
+
+@pytest.mark.parametrize("make_target, problem", [
+    (lambda tmp_path: tmp_path, "is a folder; name a file"),
+    (lambda tmp_path: Path("/proc/recrl-bench.json"), "cannot be written"),
+])
+def test_an_unusable_json_path_is_refused_before_measuring(make_target, problem, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(bench.SUITES, "logprobs", lambda *arguments, **options: pytest.fail("measured anyway"))
+    target = make_target(tmp_path)
+    assert bench.main(["logprobs", "--device", "cpu", "--json", str(target)]) == 2
+    assert bench.main(["breakdown", str(tmp_path), "--json", str(target)]) == 2
+    error = capsys.readouterr().err
+    lines = error.splitlines()
+    assert len(lines) == 2 and all(line.startswith(f"error: --json {target}: {problem}") for line in lines)

@@ -179,3 +179,15 @@ def test_the_trainers_selection_is_read_from_either_file(tmp_path):
     (tmp_path / "eval.json").write_text(json.dumps({"sft": {}}))
     (tmp_path / "selection.json").unlink()
     assert read_selection(tmp_path) == {}
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--resamples", "0"], "--resamples 0: must be >= 1"),
+    (["--seeds", "-1"], "--seeds '-1': write integers >= 0"),
+    (["--seeds", "a,b"], "--seeds 'a,b': write integers >= 0"),
+])
+def test_bad_study_arguments_exit_2_before_any_run(argv, message, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(study, "run_one", lambda *arguments: pytest.fail("a run started"))
+    assert study.main([*argv, "--results", str(tmp_path / "results"), "--runs", str(tmp_path / "runs")]) == 2
+    error = capsys.readouterr().err
+    assert message in error and error.count("\n") == 1

@@ -137,6 +137,7 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, monkeypatch):
          "task.reward_kind"),
         (["grpo_rerec_ml100k", "--set", "reward_unit=line"], "use rerec, or change task.reward_unit"),
         (["grpo_sort", "--data-dir", "/tmp"], "--data-dir: grpo_sort builds its own examples and reads no data"),
+        (["gr2_ml100k", "--set", "task.num_candidates=5000"], "task.num_candidates=5000: must be in [2, 100]"),
         (["grpo_sort", "--resume", ".", "--quick"], "with its own settings; drop --quick"),
     ],
 )
@@ -146,6 +147,22 @@ def test_cli_errors_exit_2_with_one_line(argv, message, capsys, tmp_path, monkey
     assert not (tmp_path / "runs").exists()
     error = capsys.readouterr().err
     assert message in error and error.count("\n") == 1
+
+
+def test_a_task_warm_start_that_refuses_the_settings_exits_2_in_one_line(tmp_path, capsys, monkeypatch):
+    class RefusingTask:  # as RecPO's stage 1 with a rationale longer than sampling.max_new_tokens
+        def warm_start(self, model, tokenizer, config):
+            raise ValueError("a stage-1 rationale has 51 tokens, more than sampling.max_new_tokens=1: raise it")
+
+    monkeypatch.setenv("RECRL_CACHE_DIR", str(tmp_path / "cache"))
+    arguments = [*TINY, "--set", "sft.steps=1"]
+    config = run.new_config("grpo_sort", False, arguments[1::2])
+    task, corpus, _, fingerprint = run.build_task(config, None)
+    monkeypatch.setattr(run, "build_task", lambda *arguments: (RefusingTask(), corpus, "test", fingerprint))
+    assert run.main(["grpo_sort", *arguments, "--out", str(tmp_path / "run")]) == 2
+    error = capsys.readouterr().err
+    assert error == "error: a stage-1 rationale has 51 tokens, more than sampling.max_new_tokens=1: raise it\n"
+    assert not (tmp_path / "run").exists()  # it recorded nothing: no folder left behind
 
 
 def test_mini_batches_are_checked_against_each_process_rows(tmp_path, capsys, monkeypatch):
