@@ -79,8 +79,8 @@ class ReRecConfig(StrategyConfig):
               "must be group for rerec (RAAE normalises within each group; see strategy.statistics)")
         check(0.0 <= self.penalty_weight <= 1.0, "penalty_weight", self.penalty_weight, "must be in [0, 1]")
         check_choice("statistics", self.statistics, STATISTICS)
-        check(math.isfinite(self.curriculum_threshold), "curriculum_threshold", self.curriculum_threshold,
-              "must be a finite number")
+        check(0.0 <= self.curriculum_threshold <= 1.0, "curriculum_threshold", self.curriculum_threshold,
+              "must be in [0, 1], where the difficulty d = mean(1 - NDCG@1) lies (0: no prompt is ever dropped)")
 
 
 def group_statistics(values: Tensor, mask: Tensor, group_ids: Tensor) -> tuple[Tensor, Tensor]:

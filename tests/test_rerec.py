@@ -297,6 +297,9 @@ def test_bad_strategy_inputs(tokenizer):
         ReRecConfig(statistics="tokens")
     with pytest.raises(ConfigError, match="advantage_scale"):
         ReRecConfig(advantage_scale="none")
+    for threshold in (-0.1, 1.5, float("nan")):
+        with pytest.raises(ConfigError, match=r"curriculum_threshold=.*must be in \[0, 1\]"):
+            ReRecConfig(curriculum_threshold=threshold)
     strategy = ReRec(tokenizer=tokenizer)
     rewards = Rewards.from_tensor(torch.tensor([1.0, 0.0]))
     rollout = _rollout([[5], [5]], [0, 0])
