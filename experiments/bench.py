@@ -864,6 +864,14 @@ def json_path_problem(path: str) -> str | None:
     return None
 
 
+def refuse_json_path(path: str | None) -> bool:
+    """True, after one error line, when `--json path` was given and cannot be written."""
+    problem = path and json_path_problem(path)
+    if problem:
+        print(f"error: --json {path}: {problem}", file=sys.stderr)
+    return bool(problem)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["breakdown"]:
@@ -872,8 +880,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.add_argument("run_dir")
         parser.add_argument("--json", help="also write the JSON object to this file")
         args = parser.parse_args(argv[1:])
-        if args.json and json_path_problem(args.json):
-            print(f"error: --json {args.json}: {json_path_problem(args.json)}", file=sys.stderr)
+        if refuse_json_path(args.json):
             return 2
         try:
             result = run_breakdown(args.run_dir)
@@ -911,8 +918,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.device == "cuda" and not torch.cuda.is_available():
             print("error: --device cuda: no CUDA device is available here", file=sys.stderr)
             return 2
-        if args.json and json_path_problem(args.json):  # before the minutes of measuring, not after
-            print(f"error: --json {args.json}: {json_path_problem(args.json)}", file=sys.stderr)
+        if refuse_json_path(args.json):  # before the minutes of measuring, not after
             return 2
         config = CONFIGS[args.config]
         retained = False if args.default_allocator else retain_freed_memory()
